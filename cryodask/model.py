@@ -1,0 +1,179 @@
+"""The data model: micrographs, particle stacks, maps and particle tables as xarray objects
+in a zarr store.
+
+* Micrographs: ``Dataset`` with ``image`` ``(micrograph, y, x)`` float32, one micrograph per
+  chunk, coordinate ``micrograph`` (names), and ``valid`` ``(micrograph,)`` bool.
+* Particle stacks: ``Dataset`` with ``image`` (and other per-image arrays) ``(particle, y, x)``
+  float32 in chunks of ~1–4k particles, and the per-particle table as 1-D variables along
+  ``particle`` named by RELION labels (``rlnCoordinateX``, ``rlnAngleRot``, …; cryodask's own
+  columns start with ``cd``). Optics-group columns live along ``optics``.
+* Maps: ``DataArray`` ``(z, y, x)`` float32.
+
+Every object carries attributes: ``pixel_size`` (Å), ``voltage`` (kV), ``cs`` (mm),
+``amplitude_contrast``, and provenance (``source``, ``stage``, ``parameters`` as JSON,
+``cryodask_version``).
+
+A *stage* is a function ``Dataset -> Dataset`` that only builds a lazy Dask graph; computing
+happens when :func:`write_group` writes the result to the store.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import dask.array as da
+import numpy as np
+import pandas as pd
+import xarray as xr
+
+from . import __version__
+
+__all__ = [
+    "MICROSCOPE_KEYS",
+    "microscope_attrs",
+    "provenance",
+    "micrograph_dataset",
+    "particle_dataset",
+    "table_to_frame",
+    "write_group",
+    "open_group",
+    "PARTICLE_CHUNK",
+]
+
+#: particles per chunk of a particle stack
+PARTICLE_CHUNK = 2048
+
+MICROSCOPE_KEYS = ("pixel_size", "voltage", "cs", "amplitude_contrast")
+
+# optics-table labels and the attribute each one maps to
+_OPTICS_LABELS = {
+    "rlnImagePixelSize": "pixel_size",
+    "rlnVoltage": "voltage",
+    "rlnSphericalAberration": "cs",
+    "rlnAmplitudeContrast": "amplitude_contrast",
+}
+
+
+def microscope_attrs(pixel_size: float, voltage: float = 300.0, cs: float = 2.7,
+                     amplitude_contrast: float = 0.1) -> dict[str, float]:
+    """Attributes every image object carries: Å/px, kV, mm, fraction."""
+    if not pixel_size or pixel_size <= 0:
+        raise ValueError("pixel size must be positive (Å/px)")
+    return {"pixel_size": float(pixel_size), "voltage": float(voltage), "cs": float(cs),
+            "amplitude_contrast": float(amplitude_contrast), "units": "Å"}
+
+
+def provenance(stage: str, parameters: dict[str, Any] | None = None, source: str | None = None) -> dict[str, str]:
+    """Provenance attributes: stage name, parameters (JSON), source, cryodask version."""
+    return {
+        "stage": stage,
+        "parameters": json.dumps(parameters or {}, sort_keys=True, default=str),
+        "source": str(source or ""),
+        "cryodask_version": __version__,
+    }
+
+
+def micrograph_dataset(images: da.Array, names, attrs: dict[str, Any], valid=None) -> xr.Dataset:
+    """Wrap a lazy ``(micrograph, y, x)`` stack (one micrograph per chunk) as a Dataset."""
+    if images.ndim != 3:
+        raise ValueError("micrographs must be (micrograph, y, x)")
+    images = images.astype(np.float32).rechunk((1, -1, -1))
+    n = images.shape[0]
+    valid = np.ones(n, bool) if valid is None else np.asarray(valid, bool)
+    return xr.Dataset(
+        {"image": (("micrograph", "y", "x"), images), "valid": (("micrograph",), valid)},
+        coords={"micrograph": np.asarray([str(s) for s in names], dtype=object)},
+        attrs=dict(attrs),
+    )
+
+
+def particle_dataset(images: da.Array | np.ndarray | None, table: pd.DataFrame, attrs: dict[str, Any],
+                     optics: pd.DataFrame | None = None, chunk: int = PARTICLE_CHUNK) -> xr.Dataset:
+    """A particle stack with its per-particle table.
+
+    ``images`` (n, N, N) (or None for a table only); ``table`` has one row per particle, columns
+    named by RELION labels. ``optics`` (one row per optics group) defaults to one group built
+    from the microscope attributes.
+    """
+    n = len(table)
+    data_vars: dict[str, Any] = {}
+    if images is not None:
+        arr = images if isinstance(images, da.Array) else da.from_array(np.asarray(images, np.float32), chunks=(chunk, -1, -1))
+        if arr.shape[0] != n:
+            raise ValueError(f"{arr.shape[0]} images but {n} table rows")
+        data_vars["image"] = (("particle", "y", "x"), arr.astype(np.float32).rechunk((chunk, -1, -1)))
+    for col in table.columns:
+        vals = table[col].to_numpy()
+        if vals.dtype.kind in "OUS":
+            vals = vals.astype(object)
+        data_vars[col] = (("particle",), vals)
+    if optics is None and "pixel_size" in attrs:
+        optics = pd.DataFrame({
+            "rlnOpticsGroup": [1], "rlnOpticsGroupName": ["opticsGroup1"],
+            **{lab: [attrs[key]] for lab, key in _OPTICS_LABELS.items() if key in attrs},
+            **({"rlnImageSize": [int(images.shape[-1])], "rlnImageDimensionality": [2]} if images is not None else {}),
+        })
+        if "rlnOpticsGroup" not in table.columns:
+            data_vars["rlnOpticsGroup"] = (("particle",), np.ones(n, np.int64))
+    if optics is not None:
+        for col in optics.columns:
+            vals = optics[col].to_numpy()
+            data_vars[col] = (("optics",), vals.astype(object) if vals.dtype.kind in "OUS" else vals)
+    ds = xr.Dataset(data_vars, attrs=dict(attrs))
+    ds.attrs["star_particle_columns"] = [c for c in table.columns] + (
+        ["rlnOpticsGroup"] if "rlnOpticsGroup" in data_vars and "rlnOpticsGroup" not in table.columns else [])
+    if optics is not None:
+        ds.attrs["star_optics_columns"] = list(optics.columns)
+    return ds
+
+
+def table_to_frame(ds: xr.Dataset, dim: str = "particle") -> pd.DataFrame:
+    """The 1-D variables along ``dim`` as a DataFrame (computes them if lazy)."""
+    cols = [v for v in ds.data_vars if ds[v].dims == (dim,)]
+    out = {}
+    for c in cols:
+        v = np.asarray(ds[c].values)
+        out[c] = v.astype(object) if v.dtype.kind in "UT" else v
+    return pd.DataFrame(out)
+
+
+def _encode_attrs(attrs: dict[str, Any]) -> dict[str, Any]:
+    out = {}
+    for k, v in attrs.items():
+        if isinstance(v, (np.floating, np.integer)):
+            v = v.item()
+        elif isinstance(v, tuple):
+            v = list(v)
+        elif isinstance(v, Path):
+            v = str(v)
+        out[k] = v
+    return out
+
+
+def write_group(ds: xr.Dataset, store: str | Path, group: str, *, compute: bool = True, mode: str = "w"):
+    """Write a Dataset to ``store/group`` (zarr v3, Blosc-zstd); this is where graphs compute.
+
+    String variables are stored as variable-length UTF-8 (they read back as numpy ``StringDType``). Returns the dask delayed write when
+    ``compute=False``.
+    """
+    import zarr
+
+    ds = ds.copy()
+    ds.attrs = _encode_attrs(ds.attrs)
+    encoding = {}
+    for name, var in ds.variables.items():
+        if var.dtype.kind in "UT":  # fixed-width / numpy StringDType -> variable-length UTF-8
+            ds[name] = var.astype(object)
+            continue
+        if var.dtype.kind == "O":
+            continue
+        if var.ndim >= 2:
+            encoding[name] = {"compressors": (zarr.codecs.BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle"),)}
+    return ds.to_zarr(str(store), group=group, mode=mode, consolidated=False, encoding=encoding,
+                      compute=compute, zarr_format=3)
+
+
+def open_group(store: str | Path, group: str) -> xr.Dataset:
+    """Open ``store/group`` lazily (dask arrays, chunks as written)."""
+    return xr.open_zarr(str(store), group=group, consolidated=False, chunks={})
