@@ -92,14 +92,14 @@ def ingest_micrographs(paths: list[Path], store: str | Path, *, pixel_size: floa
         else:
             good.append(p)
     if pixel_size is None:
-        header_apix = None
-        if good[0].suffix.lower() in (".mrc", ".mrcs", ".st"):
-            from .io.mrc import header_info
+        from .io.mrc import header_info
 
-            header_apix = header_info(good[0]).get("pixel_size")
-        if not header_apix:
-            raise InputError(good[0], "no pixel size in the header: pass --pixel-size (Å)")
-        pixel_size = header_apix
+        found = [round(float(header_info(p).get("pixel_size") or 0), 4) for p in good
+                 if p.suffix.lower() in (".mrc", ".mrcs", ".st")]
+        found = [a for a in found if a > 0]
+        if not found:
+            raise InputError(good[0], "no pixel size in the micrograph headers: pass --pixel-size (Å)")
+        pixel_size = Counter(found).most_common(1)[0][0]
     blocks = [da.from_delayed(dask.delayed(_read_or_nan, pure=True)(str(p), ref_shape),
                               shape=(1,) + ref_shape, dtype=np.float32) for p in good]
     images = da.concatenate(blocks, axis=0)
@@ -122,9 +122,8 @@ def ingest_micrographs(paths: list[Path], store: str | Path, *, pixel_size: floa
         bad.append({"file": str(good[i]), "reason": reason})
         log.warning("skipping %s", reason)
     if (~valid).any():
-        import xarray as xr
+        import zarr
 
-        vds = xr.Dataset({"valid": ("micrograph", valid)})
-        vds.to_zarr(str(store), group="micrographs", mode="a", consolidated=False)
+        zarr.open_group(str(store), path="micrographs", mode="r+")["valid"][:] = valid
         stored = open_group(store, "micrographs")
     return stored.isel(micrograph=np.flatnonzero(valid)), bad

@@ -8,7 +8,7 @@ import numpy as np
 __all__ = ["montage"]
 
 
-def montage(out: Path, n_mics: int = 3, n_particles: int = 8) -> str:
+def montage(out: Path, n_mics: int = 3, n_particles: int = 10) -> str:
     """PNG montage: ``n_mics`` micrographs with ground-truth centres coloured by view class
     (top = cyan, side = orange), and clean vs noisy boxes of a few particles. Returns its name."""
     import matplotlib
@@ -23,9 +23,10 @@ def montage(out: Path, n_mics: int = 3, n_particles: int = 8) -> str:
 
     truth = table_to_frame(read_particles(out / "truth_particles.star"))
     mics = sorted(truth["rlnMicrographName"].unique())[:n_mics]
-    fig, axes = plt.subplots(2, max(n_mics, 1) + 1, figsize=(5 * (n_mics + 1), 10),
-                             gridspec_kw={"width_ratios": [1] * n_mics + [0.9]})
-    box = None
+    ncol = max(len(mics), 1)
+    fig = plt.figure(figsize=(5 * ncol, 12))
+    gs = fig.add_gridspec(3, ncol, height_ratios=[1, 1, 0.45])
+    axes = np.array([[fig.add_subplot(gs[r, c]) for c in range(ncol)] for r in range(2)])
     for ax, ax_s, name in zip(axes[0], axes[1], mics):
         img, _ = read_mrc(out / name)
         rows = truth[truth["rlnMicrographName"] == name]
@@ -54,10 +55,10 @@ def montage(out: Path, n_mics: int = 3, n_particles: int = 8) -> str:
         c, nz = clean[i], noisy[i]
         gal[:box, i * box:(i + 1) * box] = (c - c.mean()) / (c.std() + 1e-9)
         gal[box:, i * box:(i + 1) * box] = (nz - nz.mean()) / (nz.std() + 1e-9)
-    for a in axes[:, -1]:
-        a.axis("off")
-    axes[0, -1].imshow(gal, cmap="gray", vmin=-3, vmax=3)
-    axes[0, -1].set_title("particles: noise-free (top) / as in the micrograph, inverted (bottom)")
+    ax = fig.add_subplot(gs[2, :])
+    ax.imshow(gal, cmap="gray", vmin=-3, vmax=3)
+    ax.set_title("particles of the first micrograph: noise-free (top) / as in the micrograph, inverted (bottom)")
+    ax.axis("off")
     fig.tight_layout()
     name = "simulation_montage.png"
     fig.savefig(out / name, dpi=60)

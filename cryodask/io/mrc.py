@@ -186,6 +186,7 @@ def read_map(path: str | Path) -> tuple[np.ndarray, float | None]:
 def _write_atomic(path: str | Path, fill) -> None:
     """Create ``path`` via a temporary file in the same folder, so readers never see half a file."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
     os.close(fd)
     try:
@@ -226,6 +227,20 @@ def write_stack(path: str | Path, stack: np.ndarray, pixel_size: float) -> None:
     def fill(m):
         m.set_data(stack)
         m.set_image_stack()
+        m.voxel_size = float(pixel_size)
+        m.update_header_stats()
+
+    _write_atomic(path, fill)
+
+
+def write_image(path: str | Path, image: np.ndarray, pixel_size: float) -> None:
+    """Write a single (y, x) image (a micrograph) as a 2-D MRC: mode 2, nz = 1, pixel size in Å."""
+    image = np.ascontiguousarray(image, dtype=np.float32)
+    if image.ndim != 2:
+        raise ValueError(f"write_image needs a 2-D (y, x) array, got shape {image.shape}")
+
+    def fill(m):
+        m.set_data(image)
         m.voxel_size = float(pixel_size)
         m.update_header_stats()
 

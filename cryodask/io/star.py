@@ -179,16 +179,19 @@ def read_particles(path: str | Path, *, pixel_size: float | None = None) -> xr.D
     block = next((b for b in _PARTICLE_BLOCKS if b in loops), next(iter(loops)))
     df = loops[block]
     optics = blocks.get("optics")
-    if optics is None:  # pre-3.1 or a coordinate file
-        pixel = _legacy_pixel_size(df, pixel_size)
-        df, optics = _build_legacy_optics(df, pixel)
-        px = pixel[0]
-    elif OPTICS_GROUP in df and OPTICS_GROUP in optics and "rlnImagePixelSize" in optics:
-        lookup = dict(zip(optics[OPTICS_GROUP].to_numpy(), optics["rlnImagePixelSize"].to_numpy(np.float64)))
-        px = np.array([lookup.get(g, np.nan) for g in df[OPTICS_GROUP].to_numpy()], dtype=np.float64)
-    else:
-        px = None if pixel_size is None else np.full(len(df), float(pixel_size))
-    df, origin_units = _origins_to_angstrom(df, px)
+    try:
+        if optics is None:  # pre-3.1 or a coordinate file
+            pixel = _legacy_pixel_size(df, pixel_size)
+            df, optics = _build_legacy_optics(df, pixel)
+            px = pixel[0]
+        elif OPTICS_GROUP in df and OPTICS_GROUP in optics and "rlnImagePixelSize" in optics:
+            lookup = dict(zip(optics[OPTICS_GROUP].to_numpy(), optics["rlnImagePixelSize"].to_numpy(np.float64)))
+            px = np.array([lookup.get(g, np.nan) for g in df[OPTICS_GROUP].to_numpy()], dtype=np.float64)
+        else:
+            px = None if pixel_size is None else np.full(len(df), float(pixel_size))
+        df, origin_units = _origins_to_angstrom(df, px)
+    except (ValueError, TypeError) as err:
+        raise InputError(path, f"non-numeric value in a pixel-size, microscope or origin column ({err})") from None
 
     pcols = list(df.columns)
     data_vars = {c: ("particle", _column(df[c], c)) for c in pcols}
@@ -244,13 +247,8 @@ def _format(values) -> list[str]:
         return [repr(float(v)) for v in values]
     if kind in "iub":
         return [str(int(v)) for v in values]
-    out = []
-    for v in values:
-        s = str(v)
-        if s == "" or any(ch.isspace() for ch in s) or s.startswith(_RESERVED):
-            s = f'"{s}"'
-        out.append(s)
-    return out
+    text = [str(v) for v in values]
+    return [f'"{s}"' if len(s.split()) != 1 or s.startswith(_RESERVED) else s for s in text]
 
 
 def _loop_text(name: str, columns: list[tuple[str, np.ndarray]]) -> str:
