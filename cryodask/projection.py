@@ -21,7 +21,11 @@ __all__ = [
     "volume_to_fourier",
     "slice_coordinates",
     "extract_slices",
+    "planar_fourier_volume",
     "insert_slices",
+    "half_grid_shape",
+    "scatter_half",
+    "hermitian_close",
     "images_to_fourier",
     "fourier_to_images",
     "shift_phases",
@@ -86,7 +90,9 @@ def slice_coordinates(rotations, n: int, pad: int, device) -> tuple[torch.Tensor
 
 
 def _corners(coords: torch.Tensor, m: int):
-    """Flat indices and weights of the 8 trilinear neighbours; coords (..., 3) as (x, y, z)."""
+    """Flat indices and weights of the 8 trilinear neighbours; coords (..., 3) as (x, y, z).
+
+    Reference implementation on the full centred grid (kept for tests and small jobs)."""
     p = coords + m // 2
     p0 = torch.floor(p)
     f = p - p0
@@ -105,21 +111,131 @@ def _corners(coords: torch.Tensor, m: int):
     return torch.stack(out_idx, -1), torch.stack(out_w, -1)
 
 
+def planar_fourier_volume(fvol: torch.Tensor) -> torch.Tensor:
+    """Real and imaginary planes of a centred 3D transform as float32 (1, 2, M, M, M).
+
+    The layout :func:`extract_slices` samples from (``torch.nn.functional.grid_sample``);
+    pass the result instead of ``fvol`` to reuse it across calls.
+    """
+    return torch.view_as_real(fvol).permute(3, 0, 1, 2).unsqueeze(0).contiguous()
+
+
 def extract_slices(fvol: torch.Tensor, rotations, n: int, pad: int = 2, batch: int = 512) -> torch.Tensor:
-    """Central slices of a centred 3D transform: complex64 (b, N, N//2+1), rfft layout."""
-    m = fvol.shape[0]
-    device = fvol.device
-    flat = torch.view_as_real(fvol).reshape(-1, 2)
-    rot = np.asarray(rotations)
-    out = []
+    """Central slices of a centred 3D transform: complex64 (b, N, N//2+1), rfft layout.
+
+    ``fvol``: complex (M, M, M) from :func:`volume_to_fourier`, or its
+    :func:`planar_fourier_volume` form. Trilinear interpolation (``grid_sample``, zero outside
+    the grid); frequencies beyond the Nyquist circle (radius N/2) are zero.
+    """
+    vol2 = planar_fourier_volume(fvol) if fvol.is_complex() else fvol
+    m = vol2.shape[-1]
+    device = vol2.device
+    rot = np.asarray(rotations).reshape(-1, 3, 3)
+    out = torch.empty((len(rot), n, n // 2 + 1), dtype=torch.complex64, device=device)
+    scale = 2.0 / (m - 1)
     for s in range(0, len(rot), batch):
         coords, inside = slice_coordinates(rot[s:s + batch], n, pad, device)
-        idx, w = _corners(coords, m)
-        w = w * inside[None, ..., None]
-        vals = flat[idx]  # (b, N, N/2+1, 8, 2)
-        re = (vals * w[..., None]).sum(-2)
-        out.append(torch.view_as_complex(re.contiguous()))
-    return torch.cat(out) if out else torch.zeros((0, n, n // 2 + 1), dtype=torch.complex64, device=device)
+        # grid_sample (align_corners): index i <-> 2 i / (M-1) - 1; index = coord + M//2
+        grid = (coords + m // 2) * scale - 1.0
+        vals = torch.nn.functional.grid_sample(vol2, grid[None], mode="bilinear", padding_mode="zeros",
+                                               align_corners=True)[0]  # (2, b, N, N//2+1)
+        vals = vals * inside
+        out[s:s + batch] = torch.complex(vals[0], vals[1])
+    return out
+
+
+# ---------------------------------------------------------------- back-projection (half grid)
+#
+# Accumulators hold only the half kx >= 0 of the 3D transform (real data are Hermitian): a
+# sample at k with k_x < 0 is added at its Friedel mate -k with its imaginary part negated,
+# which halves the work. Layout: float32 (M+2, M+2, M//2+2, C), indexed (z, y, x, channel) with
+# z, y = k + M//2 and x = k_x; the extra planes take the trilinear spill-over at k = M/2.
+# :func:`hermitian_close` then restores the plane k_x = 0, whose two halves the mates share.
+
+
+def half_grid_shape(m: int, channels: int = 3) -> tuple[int, int, int, int]:
+    """Shape of a half-grid accumulator for a padded box ``m``: (m+2, m+2, m//2+2, channels)."""
+    return (m + 2, m + 2, m // 2 + 2, channels)
+
+
+def _scatter_rows(acc_flat: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, vals: torch.Tensor) -> None:
+    """``acc_flat[idx[p, c]] += w[p, c] * vals[p]`` for rows of ``acc_flat`` (G, C).
+
+    idx, w: (P, 8); vals: (P, C). On CPU a compiled sparse-matrix product (scipy's CSC
+    mat-vecs kernel: one pass, in place); elsewhere ``index_add_``.
+    """
+    p, k = idx.shape
+    c = vals.shape[1]
+    if acc_flat.device.type == "cpu" and _csc_matvecs is not None:
+        indptr = np.arange(0, p * k + 1, k, dtype=np.int32)
+        _csc_matvecs(acc_flat.shape[0], p, c, indptr, idx.numpy().reshape(-1),
+                     w.numpy().reshape(-1), vals.numpy().reshape(-1), acc_flat.numpy().reshape(-1))
+        return
+    flat = acc_flat.reshape(-1)
+    i = idx.reshape(-1).to(torch.int64) * c
+    for ch in range(c):
+        flat.index_add_(0, i + ch, (w * vals[:, ch:ch + 1]).reshape(-1))
+
+
+try:  # scipy's compiled CSC x dense kernel, used in place (falls back to torch when absent)
+    from scipy.sparse._sparsetools import csc_matvecs as _csc_matvecs
+except ImportError:  # pragma: no cover
+    _csc_matvecs = None
+
+
+def scatter_half(acc: torch.Tensor, coords: torch.Tensor, values: torch.Tensor, odd=(1,)) -> None:
+    """Trilinear back-projection of samples into a half-grid accumulator, in place.
+
+    ``acc``: float32 (M+2, M+2, M//2+2, C) (see :func:`half_grid_shape`); ``coords``: (P, 3)
+    sample positions (x, y, z) in padded-grid voxels from the centre, |k| <= M/2;
+    ``values``: float32 (P, C). Samples with x < 0 are moved to -coords with the channels in
+    ``odd`` negated (the imaginary parts). Each sample is spread over its 8 neighbours with
+    weights (1-f)·f products that sum to 1.
+    """
+    if coords.shape[0] == 0:
+        return
+    m = acc.shape[0] - 2
+    gz, gy, gx, c = acc.shape
+    coords = coords.to(torch.float32)
+    neg = coords[:, 0] < 0
+    sign = 1.0 - 2.0 * neg.to(torch.float32)
+    q = coords * sign[:, None]
+    q = q + torch.tensor([0.0, m // 2, m // 2], device=q.device)
+    q0 = torch.floor(q)
+    f = q - q0
+    i0 = q0.to(torch.int32)
+    base = (i0[:, 2] * gy + i0[:, 1]) * gx + i0[:, 0]
+    offs = torch.tensor([dz * gy * gx + dy * gx + dx for dz in (0, 1) for dy in (0, 1) for dx in (0, 1)],
+                        dtype=torch.int32, device=q.device)
+    idx = base[:, None] + offs
+    fx, fy, fz = f.unbind(1)
+    gxx = torch.stack([1 - fx, fx], 1)
+    wzy = torch.stack([(1 - fz) * (1 - fy), (1 - fz) * fy, fz * (1 - fy), fz * fy], 1)
+    w = (wzy[:, :, None] * gxx[:, None, :]).reshape(-1, 8)
+    if odd:
+        flip = torch.ones(c, device=q.device)
+        flip[list(odd)] = -1.0
+        factor = torch.where(neg[:, None], flip, torch.ones_like(flip))
+        values = values * factor
+    _scatter_rows(acc.view(-1, c), idx, w, values.to(torch.float32).contiguous())
+
+
+def hermitian_close(half: torch.Tensor, odd=(1,)) -> torch.Tensor:
+    """Complete the plane k_x = 0 of a half-grid accumulator (M+2, M+2, M//2+2, C).
+
+    Mates there were split between (0, k_y, k_z) and (0, -k_y, -k_z): the plane becomes
+    ``a(k) + conj(a(-k))`` (channels in ``odd`` change sign under the mirror). Returns a new
+    tensor cropped to (M, M, M//2+1, C), z and y indexed by k + M//2 (k = -M/2 … M/2-1).
+    """
+    m = half.shape[0] - 2
+    out = half[:m, :m, : m // 2 + 1].clone()
+    plane = half[:, :, 0]  # (M+2, M+2, C); index i <-> k = i - M/2, mirror i -> M - i
+    mirror = torch.flip(plane[1:m + 1, 1:m + 1], dims=(0, 1))  # mirror[a, b] = plane[M - a, M - b]
+    sign = torch.ones(half.shape[-1], device=half.device)
+    if odd:
+        sign[list(odd)] = -1.0
+    out[1:, 1:, 0] = plane[1:m, 1:m] + mirror[1:m, 1:m] * sign
+    return out
 
 
 def insert_slices(
@@ -137,33 +253,48 @@ def insert_slices(
     the per-frequency weights (e.g. CTF²); ``slices``: complex (b, N, N//2+1);
     ``slice_weights``: float (b, N, N//2+1). Both accumulators are updated in place. Friedel
     mates are inserted too, so the accumulated transform stays Hermitian.
+
+    Implemented on the half grid (:func:`scatter_half`) and expanded by Hermitian symmetry,
+    which gives the full-grid sums exactly.
     """
     m = data.shape[0]
     n = slices.shape[1]
     device = data.device
-    dflat = torch.view_as_real(data).view(-1, 2)
-    wflat = weights.view(-1)
-    rot = np.asarray(rotations)
+    half = torch.zeros(half_grid_shape(m, 3), dtype=torch.float32, device=device)
+    rot = np.asarray(rotations).reshape(-1, 3, 3)
+    kx_col = torch.fft.rfftfreq(n, device=device) * n
+    mult = torch.where(kx_col == 0, 0.5, 1.0)  # the kx = 0 column holds both mates of each pair
     for s in range(0, len(rot), batch):
         coords, inside = slice_coordinates(rot[s:s + batch], n, pad, device)
-        sl = slices[s:s + batch]
-        sw = slice_weights[s:s + batch]
-        # the half plane kx > 0 stands for its Friedel mate too; kx = 0 column is complete
-        keep = inside.clone()
-        for sign in (1.0, -1.0):
-            if sign < 0:
-                keep = inside & (torch.fft.rfftfreq(n, device=device)[None, :] > 0)
-            sel = keep.reshape(-1)
-            c = (sign * coords).reshape(coords.shape[0], -1, 3)[:, sel]
-            v = sl.reshape(sl.shape[0], -1)[:, sel]
-            if sign < 0:
-                v = torch.conj(v)
-            ww = sw.reshape(sw.shape[0], -1)[:, sel]
-            idx, w = _corners(c, m)
-            idx = idx.reshape(-1)
-            wv = torch.view_as_real(v.contiguous())[:, :, None, :] * w[..., None]
-            dflat.index_add_(0, idx, wv.reshape(-1, 2))
-            wflat.index_add_(0, idx, (ww[..., None] * w).reshape(-1))
+        sel = inside.reshape(-1)
+        b = coords.shape[0]
+        c = coords.reshape(b, -1, 3)[:, sel].reshape(-1, 3)
+        sl = slices[s:s + batch].reshape(b, -1)[:, sel]
+        mu = mult.expand(n, -1).reshape(-1)[sel]
+        sw = slice_weights[s:s + batch].reshape(b, -1)[:, sel]
+        vals = torch.stack([sl.real * mu, sl.imag * mu, sw * mu], -1).reshape(-1, 3)
+        scatter_half(half, c, vals.to(torch.float32))
+    full = _half_to_full(half)
+    data += torch.complex(full[..., 0], full[..., 1])
+    weights += full[..., 2]
+
+
+def _half_to_full(half: torch.Tensor, odd=(1,)) -> torch.Tensor:
+    """Full centred grid (M, M, M, C) from a half-grid accumulator, by Hermitian symmetry."""
+    m = half.shape[0] - 2
+    h = m // 2
+    closed = hermitian_close(half, odd)  # (M, M, M/2+1, C), x index = kx
+    full = torch.zeros((m, m, m, half.shape[-1]), dtype=half.dtype, device=half.device)
+    full[:, :, h:] = closed[:, :, :h]  # kx = 0 … M/2-1
+    # kx < 0 (full index ix < h): value at (kz, ky, kx) is mate of (-kz, -ky, -kx), -kx = h - ix
+    sign = torch.ones(half.shape[-1], device=half.device)
+    if odd:
+        sign[list(odd)] = -1.0
+    src = half[:, :, 1:h + 1]  # kx = 1 … h, index M-i in z/y for the mirror (0 … M+1 available)
+    # full[iz, iy, ix] = sign * half[M - iz, M - iy, h - ix] for ix in 0 … h-1
+    mir = torch.flip(src[1:m + 1, 1:m + 1], dims=(0, 1, 2))  # [a,b,c] = src[M-a, M-b, h-1-c]
+    full[:, :, :h] = mir * sign
+    return full
 
 
 def images_to_fourier(images) -> torch.Tensor:
