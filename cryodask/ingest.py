@@ -61,7 +61,7 @@ def _read_or_nan(path: str, shape: tuple[int, int]) -> np.ndarray:
 
 def ingest_micrographs(paths: list[Path], store: str | Path, *, pixel_size: float | None = None,
                        voltage: float = 300.0, cs: float = 2.7, amplitude_contrast: float = 0.1,
-                       compute: bool = True):
+                       resume: str | Path | None = None):
     """Write the good micrographs to ``store/micrographs``.
 
     Returns ``(dataset, bad)``: the lazily re-opened micrograph Dataset (only good ones) and a
@@ -108,7 +108,7 @@ def ingest_micrographs(paths: list[Path], store: str | Path, *, pixel_size: floa
                           + (" ..." if len(paths) > 3 else ""))}
     ds = micrograph_dataset(images, [p.stem for p in good], attrs)
     ds["path"] = ("micrograph", np.array([str(p) for p in good], dtype=object))
-    write_group(ds, store, "micrographs", compute=compute)
+    write_group(ds, store, "micrographs", resume=resume, label="ingest micrographs")
     stored = open_group(store, "micrographs")
     # files whose pixels failed the checks were written as NaN markers: find and explain them
     first = np.asarray(stored["image"][:, 0, 0].values)

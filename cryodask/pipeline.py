@@ -100,6 +100,7 @@ class Context:
         self.cfg = cfg
         self.out = Path(cfg.out)
         self.store = self.out / "store.zarr"
+        self.records = self.out / "stages"
         self.results: dict[str, dict[str, Any]] = {}
         self.bad_inputs: list[dict[str, str]] = []
         self.figures: list[tuple[str, str]] = []
@@ -117,7 +118,7 @@ def _stage_ingest(ctx: Context) -> dict[str, Any]:
     if not paths:
         raise InputError(None, f"no micrographs match {' '.join(cfg.micrographs)}")
     ds, bad = ingest_micrographs(paths, ctx.store, pixel_size=cfg.pixel_size, voltage=cfg.voltage, cs=cfg.cs,
-                                 amplitude_contrast=cfg.amplitude_contrast)
+                                 amplitude_contrast=cfg.amplitude_contrast, resume=ctx.records)
     ctx.bad_inputs.extend(bad)
     return {"n_files": len(paths), "n_micrographs": int(ds.sizes["micrograph"]), "n_bad": len(bad), "bad": bad,
             "shape_px": list(ds["image"].shape[1:]), "pixel_size_A": float(ds.attrs["pixel_size"])}
@@ -145,7 +146,7 @@ def _stage_preprocess(ctx: Context) -> dict[str, Any]:
     ds = xr.Dataset({"image": (("micrograph", "yp", "xp"), pre)}, coords={"micrograph": mics["micrograph"].values},
                     attrs={**mics.attrs, **provenance("preprocess", {"steps": steps, **params}, "micrographs"),
                            "binning": float(binning), "pixel_size": ctx.pixel_size * float(binning)})
-    write_group(ds, ctx.store, "preprocessed")
+    write_group(ds, ctx.store, "preprocessed", resume=ctx.records, label="preprocess")
     return {"steps": list(steps), "binning": float(binning), "shape_px": list(pre.shape[1:])}
 
 
