@@ -81,6 +81,11 @@ class RunConfig:
             raise InputError(path, f"unknown configuration key(s): {', '.join(unknown)}")
         cfg = cls(**d)
         cfg.validate(path)
+        # absolute paths: workers (SLURM jobs, pods) may start in another directory
+        cfg.out = str(Path(cfg.out).expanduser().absolute())
+        cfg.micrographs = [str(Path(m).expanduser().absolute()) for m in cfg.micrographs]
+        if cfg.truth:
+            cfg.truth = str(Path(cfg.truth).expanduser().absolute())
         return cfg
 
     def validate(self, source=None) -> None:

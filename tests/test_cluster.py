@@ -1,0 +1,234 @@
+"""Cluster configuration and deployers (cryodask/cluster.py): settings validation, a real local
+cluster, the cuda/kubernetes error messages, and the SLURM job script (dry run, no SLURM needed)."""
+from __future__ import annotations
+
+import re
+import sys
+
+import numpy as np
+import pytest
+
+from cryodask.cli import main
+from cryodask.cluster import ClusterConfig, client_for, make_cluster, slurm_job_script
+from cryodask.errors import CryodaskError
+
+
+# --------------------------------------------------------------------------------------------
+# configuration
+def test_from_dict_unknown_key_is_an_error():
+    with pytest.raises(CryodaskError, match="unknown cluster setting.*corez"):
+        ClusterConfig.from_dict({"kind": "slurm", "corez": 4})
+
+
+def test_from_dict_aliases_and_dashes():
+    cfg = ClusterConfig.from_dict({"kind": "slurm", "partition": "gpu", "job-extra-directives": "--qos=x",
+                                   "log-directory": "logs", "cores": 4, "memory": "16GB"})
+    assert (cfg.kind, cfg.queue, cfg.cores, cfg.memory) == ("slurm", "gpu", 4, "16GB")
+    assert cfg.job_extra_directives == ["--qos=x"]  # a single string becomes a one-line list
+    assert cfg.log_directory == "logs"
+    assert ClusterConfig.from_dict(None) == ClusterConfig()
+
+
+@pytest.mark.parametrize("bad, match", [
+    ({"kind": "pbs"}, "unknown cluster kind 'pbs'"),
+    ({"cores": "two"}, "cores must be a whole number"),
+    ({"jobs": -1}, "jobs must be a whole number"),
+    ({"gpus": True}, "gpus must be a whole number"),
+    ({"memory": "lots"}, "memory='lots' is not a size"),
+    ({"adapt_min": 5, "adapt_max": 2}, "adapt_min=5 > adapt_max=2"),
+    ({"job_extra_directives": [1, 2]}, "list of strings"),
+])
+def test_from_dict_rejects_bad_values(bad, match):
+    with pytest.raises(CryodaskError, match=match):
+        ClusterConfig.from_dict(bad)
+
+
+# --------------------------------------------------------------------------------------------
+# local cluster: starts, computes, limits threads, shuts down
+def test_local_cluster_computes_and_limits_threads():
+    import dask.array as da
+
+    x = np.random.default_rng(0).normal(size=(300, 200))
+    with client_for(ClusterConfig(n_workers=1, dashboard_address=":0"), announce=lambda m: None) as client:
+        assert len(client.scheduler_info()["workers"]) == 1
+        y = da.from_array(x, chunks=(100, 100))
+        got = client.compute((y @ y.T).sum()).result()
+        # every worker process was set up: one torch thread, one OpenCV thread
+        torch_threads = client.run(lambda: __import__("torch").get_num_threads())
+        cv_threads = client.run(lambda: __import__("cv2").getNumThreads())
+        cluster = client.cluster
+    assert got == pytest.approx(float((x @ x.T).sum()), rel=1e-10)
+    assert set(torch_threads.values()) == {1} and set(cv_threads.values()) == {1}
+    assert client.status == "closed" and cluster.status.name == "closed"
+
+
+def test_client_for_shuts_down_after_an_error():
+    with pytest.raises(RuntimeError, match="boom"):
+        with client_for(ClusterConfig(n_workers=1, processes=False, dashboard_address=":0"),
+                        announce=lambda m: None) as client:
+            cluster = client.cluster
+            raise RuntimeError("boom")
+    assert client.status == "closed" and cluster.status.name == "closed"
+
+
+def test_scheduler_address_connects_and_leaves_cluster_running():
+    from distributed import LocalCluster
+
+    with LocalCluster(n_workers=1, processes=False, dashboard_address=":0") as ext:
+        cfg = ClusterConfig.from_dict({"scheduler_address": ext.scheduler_address})
+        with client_for(cfg, announce=lambda m: None) as client:
+            assert client.submit(lambda a: a + 1, 41).result() == 42
+        assert ext.status.name == "running"
+        assert len(ext.scheduler.workers) == 1
+
+
+def test_unreachable_scheduler_address_is_a_clear_error():
+    cfg = ClusterConfig(scheduler_address="tcp://127.0.0.1:9", startup_timeout=1)
+    with pytest.raises(CryodaskError, match="cannot reach the Dask scheduler at tcp://127.0.0.1:9"):
+        with client_for(cfg, announce=lambda m: None):
+            pass
+
+
+# --------------------------------------------------------------------------------------------
+# cuda / kubernetes: clear one-line messages when they cannot work here
+def _tiny_mrc(path):
+    import mrcfile
+
+    with mrcfile.new(path, overwrite=True) as m:
+        m.set_data(np.zeros((64, 64), np.float32))
+        m.voxel_size = 2.0
+    return path
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+@pytest.mark.skipif(_has_cuda(), reason="this machine has a CUDA GPU")
+def test_cuda_without_gpu_is_one_line_exit_2(tmp_path, capsys):
+    mrc = _tiny_mrc(tmp_path / "m.mrc")
+    rc = main(["run", "--micrographs", str(mrc), "--diameter", "100", "--out", str(tmp_path / "o"),
+               "--cluster", "cuda"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2
+    assert "Traceback" not in "\n".join(err)
+    assert err[-1].startswith("cryodask run: error: --cluster cuda: no CUDA GPU")
+    with pytest.raises(CryodaskError, match="no CUDA GPU is visible"):
+        make_cluster(ClusterConfig(kind="cuda"))
+
+
+def test_kubernetes_without_dask_kubernetes(monkeypatch, tmp_path, capsys):
+    # make `import dask_kubernetes` fail even where it is installed
+    for mod in [m for m in sys.modules if m == "dask_kubernetes" or m.startswith("dask_kubernetes.")]:
+        monkeypatch.delitem(sys.modules, mod)
+    monkeypatch.setitem(sys.modules, "dask_kubernetes", None)
+    with pytest.raises(CryodaskError, match=re.escape("pip install 'cryodask[k8s]'")):
+        make_cluster(ClusterConfig(kind="kubernetes"))
+    mrc = _tiny_mrc(tmp_path / "m.mrc")
+    rc = main(["run", "--micrographs", str(mrc), "--diameter", "100", "--out", str(tmp_path / "o"),
+               "--cluster", "kubernetes"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and "dask-kubernetes" in err[-1] and "Traceback" not in "\n".join(err)
+
+
+def test_kubernetes_missing_cluster_spec_names_the_file(tmp_path):
+    from cryodask.errors import InputError
+
+    with pytest.raises(InputError, match="nope.yaml: no such DaskCluster manifest"):
+        make_cluster(ClusterConfig(kind="kubernetes", cluster_spec=str(tmp_path / "nope.yaml")))
+
+
+def test_kubernetes_pod_resources():
+    from cryodask.cluster import _kubernetes_kwargs
+
+    kw = _kubernetes_kwargs(ClusterConfig(kind="kubernetes", cores=4, memory="16GB", gpus=1, image="reg/cd:1",
+                                          env={"FOO": "bar"}))
+    assert kw["image"] == "reg/cd:1" and kw["name"] == "cryodask"
+    assert kw["resources"]["limits"] == {"cpu": "4", "memory": "16GB", "nvidia.com/gpu": "1"}
+    assert kw["resources"]["requests"]["memory"] == "16GB"
+    assert kw["worker_command"][:3] == ["dask", "cuda", "worker"]
+    assert kw["env"]["OMP_NUM_THREADS"] == "1" and kw["env"]["FOO"] == "bar"
+    cpu = _kubernetes_kwargs(ClusterConfig(kind="kubernetes"))
+    assert "nvidia.com/gpu" not in cpu["resources"]["limits"]
+    assert cpu["worker_command"][:2] == ["dask", "worker"] and "cryodask.cluster" in cpu["worker_command"]
+
+
+# --------------------------------------------------------------------------------------------
+# SLURM job script (dry run: nothing submitted)
+def _directives(script: str) -> list[str]:
+    return [ln[len("#SBATCH"):].strip() for ln in script.splitlines() if ln.startswith("#SBATCH")]
+
+
+def test_slurm_job_script_minimal_has_no_empty_directives():
+    pytest.importorskip("dask_jobqueue")
+    script = slurm_job_script(ClusterConfig(kind="slurm", cores=1, memory="2GiB"))
+    d = _directives(script)
+    assert all(x and "None" not in x for x in d), d
+    assert not any(x.startswith(("-p ", "-A ", "--gres")) for x in d)  # queue/account/gpus unset
+    assert "--cpus-per-task=1" in d and "--mem=2G" in d and "-n 1" in d
+    assert f"{sys.executable} -m distributed.cli.dask_worker" in script
+    assert "--preload cryodask.cluster" in script and "--nthreads 1" in script
+    assert "export OMP_NUM_THREADS=1" in script
+
+
+def test_slurm_job_script_full():
+    pytest.importorskip("dask_jobqueue")
+    cfg = ClusterConfig.from_dict({
+        "kind": "slurm", "cores": 8, "memory": "32GiB", "walltime": "02:00:00", "partition": "gpu",
+        "account": "cryo", "gpus": 1, "job_extra_directives": ["--qos=high", "--constraint=a100"],
+        "job_script_prologue": ["module load cuda/12"], "interface": "ib0", "log_directory": "/tmp/cd-logs",
+        "env": {"CRYODASK_X": "a b"}})
+    script = slurm_job_script(cfg)
+    d = _directives(script)
+    for want in ["-p gpu", "-A cryo", "-t 02:00:00", "--mem=32G", "--cpus-per-task=8", "--gres=gpu:1",
+                 "--qos=high", "--constraint=a100", "-J cryodask-worker",
+                 "-o /tmp/cd-logs/cryodask-worker-%J.out", "-e /tmp/cd-logs/cryodask-worker-%J.err"]:
+        assert want in d, (want, d)
+    assert "--nthreads 1" in script and "--nworkers" not in script  # one worker for the one GPU
+    assert "--interface ib0" in script
+    assert "module load cuda/12" in script and "export CRYODASK_X='a b'" in script
+    # CPU job: one single-threaded worker process per core
+    cpu = slurm_job_script(ClusterConfig(kind="slurm", cores=4, memory="8GB"))
+    assert "--nworkers 4" in cpu and "--nthreads 1" in cpu and "--gres" not in cpu
+    with pytest.raises(CryodaskError, match="gpus: 1 per job"):
+        slurm_job_script(ClusterConfig(kind="slurm", gpus=2))
+
+
+def test_slurm_falls_back_to_dask_jobqueue_config():
+    pytest.importorskip("dask_jobqueue")
+    import dask
+
+    with dask.config.set({"jobqueue.slurm.cores": 2, "jobqueue.slurm.memory": "6GiB",
+                          "jobqueue.slurm.queue": "site-default", "jobqueue.slurm.walltime": "04:00:00",
+                          "jobqueue.slurm.job-extra-directives": ["--qos=site"]}):
+        d = _directives(slurm_job_script(ClusterConfig(kind="slurm")))
+        assert {"-p site-default", "--cpus-per-task=2", "--mem=6G", "-t 04:00:00", "--qos=site"} <= set(d)
+        # the run configuration wins over the site configuration
+        d = _directives(slurm_job_script(ClusterConfig(kind="slurm", queue="mine", cores=1,
+                                                       job_extra_directives=["--qos=mine"])))
+        assert "-p mine" in d and "--cpus-per-task=1" in d and "--qos=mine" in d and "--qos=site" not in d
+
+
+def test_slurm_without_sbatch_is_a_clear_error(monkeypatch):
+    pytest.importorskip("dask_jobqueue")
+    import cryodask.cluster as cl
+
+    monkeypatch.setattr(cl.shutil, "which", lambda name: None)
+    with pytest.raises(CryodaskError, match="sbatch command is not found"):
+        make_cluster(ClusterConfig(kind="slurm", dashboard_address=":0"))
+
+
+def test_kubernetes_cluster_spec():
+    pytest.importorskip("dask_kubernetes")
+    from cryodask.cluster import kubernetes_cluster_spec
+
+    spec = kubernetes_cluster_spec(ClusterConfig(kind="kubernetes", image="reg/cd:1", cores=2, memory="8Gi", jobs=3))
+    assert spec["kind"] == "DaskCluster" and spec["metadata"]["name"] == "cryodask"
+    worker = spec["spec"]["worker"]
+    assert worker["replicas"] == 3
+    container = worker["spec"]["containers"][0]
+    assert container["image"] == "reg/cd:1"
+    assert container["resources"]["limits"] == {"cpu": "2", "memory": "8Gi"}
+    assert container["args"][:2] == ["dask", "worker"] and "cryodask.cluster" in container["args"]
