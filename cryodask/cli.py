@@ -101,6 +101,25 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_cluster_show_script(args) -> int:
+    from .cluster import ClusterConfig, kubernetes_cluster_spec, slurm_job_script
+
+    base = {}
+    if args.config:
+        import yaml
+
+        base = (yaml.safe_load(Path(args.config).read_text()) or {}).get("cluster", {})
+    base["kind"] = args.cluster
+    cfg = ClusterConfig.from_dict(base)
+    if args.cluster == "slurm":
+        print(slurm_job_script(cfg))
+    else:
+        import yaml
+
+        print(yaml.safe_dump(kubernetes_cluster_spec(cfg), sort_keys=False))
+    return 0
+
+
 # --------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cryodask", description=__doc__.splitlines()[0] if __doc__ else None)
@@ -152,6 +171,13 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--quick", action="store_true", help="an even smaller dataset (for tests)")
     _add_cluster_args(d)
     d.set_defaults(func=cmd_demo)
+
+    c = sub.add_parser("cluster", help="cluster utilities (dry runs of batch-system job scripts)")
+    csub = c.add_subparsers(dest="cluster_command", metavar="ACTION", required=True)
+    cs = csub.add_parser("show-script", help="print the SLURM job script / Kubernetes cluster spec a run would use")
+    cs.add_argument("config", nargs="?", default=None, help="run YAML whose 'cluster:' section to use")
+    cs.add_argument("--cluster", choices=["slurm", "kubernetes"], default="slurm")
+    cs.set_defaults(func=cmd_cluster_show_script)
 
     from . import cli_stages
 
