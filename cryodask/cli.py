@@ -45,7 +45,10 @@ def _maybe_client(cfg):
 
     from .cluster import client_for
 
-    if cfg is None:
+    if cfg is None:  # Dask's threaded scheduler in this process: one torch/OpenCV thread per task
+        from .cluster import limit_threads
+
+        limit_threads()
         return contextlib.nullcontext()
     return client_for(cfg, announce=lambda m: print(m, file=sys.stderr))
 

@@ -96,18 +96,10 @@ def particle_dataset(images: da.Array | np.ndarray | None, table: pd.DataFrame, 
     named by RELION labels. ``optics`` (one row per optics group) defaults to one group built
     from the microscope attributes.
     """
+    from .io.star import tables_to_dataset
+
     n = len(table)
-    data_vars: dict[str, Any] = {}
-    if images is not None:
-        arr = images if isinstance(images, da.Array) else da.from_array(np.asarray(images, np.float32), chunks=(chunk, -1, -1))
-        if arr.shape[0] != n:
-            raise ValueError(f"{arr.shape[0]} images but {n} table rows")
-        data_vars["image"] = (("particle", "y", "x"), arr.astype(np.float32).rechunk((chunk, -1, -1)))
-    for col in table.columns:
-        vals = table[col].to_numpy()
-        if vals.dtype.kind in "OUS":
-            vals = vals.astype(object)
-        data_vars[col] = (("particle",), vals)
+    table = table.reset_index(drop=True)
     if optics is None and "pixel_size" in attrs:
         optics = pd.DataFrame({
             "rlnOpticsGroup": [1], "rlnOpticsGroupName": ["opticsGroup1"],
@@ -115,16 +107,13 @@ def particle_dataset(images: da.Array | np.ndarray | None, table: pd.DataFrame, 
             **({"rlnImageSize": [int(images.shape[-1])], "rlnImageDimensionality": [2]} if images is not None else {}),
         })
         if "rlnOpticsGroup" not in table.columns:
-            data_vars["rlnOpticsGroup"] = (("particle",), np.ones(n, np.int64))
-    if optics is not None:
-        for col in optics.columns:
-            vals = optics[col].to_numpy()
-            data_vars[col] = (("optics",), vals.astype(object) if vals.dtype.kind in "OUS" else vals)
-    ds = xr.Dataset(data_vars, attrs=dict(attrs))
-    ds.attrs["star_particle_columns"] = [c for c in table.columns] + (
-        ["rlnOpticsGroup"] if "rlnOpticsGroup" in data_vars and "rlnOpticsGroup" not in table.columns else [])
-    if optics is not None:
-        ds.attrs["star_optics_columns"] = list(optics.columns)
+            table = table.assign(rlnOpticsGroup=np.ones(n, np.int64))
+    ds = tables_to_dataset(table, optics, dict(attrs))
+    if images is not None:
+        arr = images if isinstance(images, da.Array) else da.from_array(np.asarray(images, np.float32), chunks=(chunk, -1, -1))
+        if arr.shape[0] != n:
+            raise ValueError(f"{arr.shape[0]} images but {n} table rows")
+        ds["image"] = (("particle", "y", "x"), arr.astype(np.float32).rechunk((chunk, -1, -1)))
     return ds
 
 

@@ -189,10 +189,12 @@ def run_simulation(cfg: SimulationConfig) -> dict:
         tables = dask.compute(*tasks)
         table = pd.concat(tables, ignore_index=True)
         star = out / "truth_particles.star"
-    ds = particle_dataset(None, table, attrs)
-    ds["rlnImageSize"] = ("optics", [vol.shape[0]])
-    ds["rlnImageDimensionality"] = ("optics", [2])
-    ds.attrs["star_optics_columns"] = ds.attrs["star_optics_columns"] + ["rlnImageSize", "rlnImageDimensionality"]
+    optics = pd.DataFrame({"rlnOpticsGroup": [1], "rlnOpticsGroupName": ["opticsGroup1"],
+                           "rlnImagePixelSize": [apix], "rlnVoltage": [cfg.voltage],
+                           "rlnSphericalAberration": [cfg.cs], "rlnAmplitudeContrast": [cfg.amplitude_contrast],
+                           "rlnImageSize": [int(vol.shape[0])], "rlnImageDimensionality": [2]})
+    table["rlnOpticsGroup"] = 1
+    ds = particle_dataset(None, table, attrs, optics=optics)
     write_particles(star, ds)
     summary = {
         "mode": "particles" if cfg.particles else "micrographs",

@@ -193,23 +193,33 @@ def read_particles(path: str | Path, *, pixel_size: float | None = None) -> xr.D
     except (ValueError, TypeError) as err:
         raise InputError(path, f"non-numeric value in a pixel-size, microscope or origin column ({err})") from None
 
-    pcols = list(df.columns)
-    data_vars = {c: ("particle", _column(df[c], c)) for c in pcols}
+    return tables_to_dataset(df, optics, {
+        "star_block": block,
+        "source": str(path),
+        "star_version": _star_version(path, optics is not None and "optics" in blocks),
+        "origin_units": origin_units,
+    })
+
+
+def tables_to_dataset(particles: pd.DataFrame, optics: pd.DataFrame | None = None,
+                      attrs: dict | None = None) -> xr.Dataset:
+    """Particle (and optics) tables → the particle Dataset of the data model.
+
+    Particle columns become variables along ``particle``; optics columns variables along
+    ``optics`` (the optics ``rlnOpticsGroup`` is the ``optics`` coordinate; any other label in
+    both tables is stored as ``optics_<label>``). Column orders go to the attributes.
+    """
+    pcols = list(particles.columns)
+    data_vars = {c: ("particle", _column(particles[c], c)) for c in pcols}
     coords, ocols = {}, []
     if optics is not None:
         ocols = list(optics.columns)
         for c in ocols:
             name = _optics_name(c, pcols)
             (coords if name == "optics" else data_vars)[name] = ("optics", _column(optics[c], c))
-    attrs = {
-        "star_particle_columns": pcols,
-        "star_optics_columns": ocols,
-        "star_block": block,
-        "source": str(path),
-        "star_version": _star_version(path, optics is not None and "optics" in blocks),
-        "origin_units": origin_units,
-    }
-    return xr.Dataset(data_vars, coords=coords, attrs=attrs)
+    out = {"star_particle_columns": pcols, "star_optics_columns": ocols, "star_block": "particles"}
+    out.update(attrs or {})
+    return xr.Dataset(data_vars, coords=coords, attrs=out)
 
 
 def per_particle(ds: xr.Dataset, label: str) -> np.ndarray:
