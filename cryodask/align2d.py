@@ -835,6 +835,7 @@ def align2d_star(star_in: str | Path, out_dir: str | Path, *, view: str = "auto"
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     ds, images, apix, defocus, optics = star_inputs(star_in, chunk)
+    star_in = ds.attrs.get("source", star_in) if not isinstance(star_in, (str, Path)) else star_in
     n, box = images.shape[0], images.shape[-1]
     diameter_A = diameter_A or 0.6 * box * apix
     feats, selected, reasons, sel_info = masks_and_selection(images, apix, defocus=defocus, optics=optics, view=view,

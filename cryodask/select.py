@@ -820,18 +820,28 @@ def lazy_particle_images(ds, chunk: int) -> da.Array:
     return da.concatenate(parts, axis=0)
 
 
-def star_inputs(star_in: str | Path, chunk: int):
-    """(Dataset, lazy images, pixel size Å, defocus (n, 3) or None, optics dict) of a particle STAR."""
+def star_inputs(star_in, chunk: int):
+    """(Dataset, lazy images, pixel size Å, defocus (n, 3) or None, optics dict) of a particle STAR
+    path, or of a particle Dataset from the store (its ``image`` variable is used lazily)."""
     from .errors import InputError
     from .io.star import read_particles
 
-    ds = read_particles(star_in)
+    import xarray as xr
+
+    if isinstance(star_in, xr.Dataset):  # a particle Dataset of the store, with lazy 'image'
+        ds = star_in.drop_vars([v for v in star_in.data_vars if star_in[v].ndim > 1])
+        images = star_in["image"].data.rechunk((chunk, -1, -1))
+        star_in = ds.attrs.get("source", "particles")
+    else:
+        ds = read_particles(star_in)
+        images = None
     if ds.sizes.get("particle", 0) == 0:
         raise InputError(star_in, "no particles")
     apix = _optics_value(ds, "rlnImagePixelSize", None)
     if not apix:
         raise InputError(star_in, "no pixel size (rlnImagePixelSize in the optics table)")
-    images = lazy_particle_images(ds, chunk)
+    if images is None:
+        images = lazy_particle_images(ds, chunk)
     defocus = None
     if all(c in ds for c in ("rlnDefocusU", "rlnDefocusV")):
         ang = ds["rlnDefocusAngle"].values if "rlnDefocusAngle" in ds else np.zeros(ds.sizes["particle"])
