@@ -1,19 +1,23 @@
 """Known-pose reconstruction benchmark: cryodask vs relion_reconstruct on the same STAR.
 
 Simulates (seeded) particle stacks from the real 70S ribosome map (../shared/data/volumes), at
-64 px / 5 Å/px (N = 10,000) and 128 px / 2.5 Å/px (N = 20,000), SNR 0.1 over the box, RELION CTF
-(300 kV, Cs 2.7 mm, Q 0.1, defocus 1.0–2.5 µm), uniform orientations, shifts up to 3 px; writes
-them as ``.mrcs`` + RELION 3.1 particle STAR; then runs ``relion_reconstruct --ctf`` (when
-installed) and ``python -m cryodask.reconstruct`` on that STAR, each as a separate process timed
-from the outside (wall time, python start-up included), and prints
+64 px / 5 Å/px (N = 10,000) and 128 px / 2.5 Å/px (N = 20,000; the map resampled ×2 by cubic
+interpolation), SNR 0.1 over the box, RELION CTF (300 kV, Cs 2.7 mm, Q 0.1, defocus 1.0–2.5 µm),
+uniform orientations, shifts up to 3 px; writes them as ``.mrcs`` + RELION 3.1 particle STAR;
+then runs ``relion_reconstruct --ctf`` (and ``mpirun -n 2 relion_reconstruct_mpi``) when
+installed and ``python -m cryodask.reconstruct`` on that STAR, each as a separate process pinned
+to the same cores (``taskset``) and timed from the outside (wall time, python start-up included;
+runs alternate, the median of ``--repeat`` is reported), and prints
 
-    N  box  tool  wall_s  FSC0.5_A  FSC0.143_A
+    N  box  tool / map  wall_s  cpu_s  FSC0.5_A  FSC0.143_A
 
-with the FSC measured against the noise-free volume by ``../shared/checks/fsc.py``'s algorithm.
+with the FSC measured against the noise-free volume by ``../shared/checks/fsc.py``'s code.
+The machine's load average is printed too: other processes on the same cores slow every tool.
 
 Usage::
 
-    python benchmarks/bench_reconstruct.py [--work DIR] [--sets 64,128] [--threads 2]
+    python benchmarks/bench_reconstruct.py [--work DIR] [--sets 64,128] [--threads 2] [--repeat 3]
+        [--mask-diameter 260]
 """
 from __future__ import annotations
 
@@ -48,7 +52,6 @@ def truth_volume(box: int) -> np.ndarray:
         return np.ascontiguousarray(v[:64, :64, :64])
     from scipy.ndimage import map_coordinates
 
-    f = 64 // (box // 2) if box < 128 else None
     scale = box / 64
     c = 32 + (np.arange(box) - box // 2) / scale
     z, y, x = np.meshgrid(c, c, c, indexing="ij")
@@ -123,13 +126,21 @@ def fsc_vs_truth(map_path: Path, truth_path: Path) -> tuple[float, float]:
     return chk.crossing(c, 0.5, n, apix), chk.crossing(c, 0.143, n, apix)
 
 
-def timed(cmd: list[str], cwd: Path, env=None) -> float:
+def timed(cmd: list[str], cwd: Path, env=None) -> tuple[float, float, str]:
+    """Run ``cmd``; return (wall seconds, CPU seconds of the child processes, stdout)."""
+    before = os.times()
     t = time.perf_counter()
     r = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t
+    after = os.times()
     if r.returncode:
         raise RuntimeError(f"{cmd} failed:\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}")
-    return wall
+    cpu = (after.children_user - before.children_user) + (after.children_system - before.children_system)
+    return wall, cpu, r.stdout
+
+
+def load_average() -> float:
+    return os.getloadavg()[0]
 
 
 def main() -> int:
@@ -137,7 +148,10 @@ def main() -> int:
     ap.add_argument("--work", default=str(ROOT / "scratch" / "bench_reconstruct"))
     ap.add_argument("--sets", default="64,128")
     ap.add_argument("--threads", type=int, default=2, help="cores given to each tool (taskset)")
-    ap.add_argument("--repeat", type=int, default=1)
+    ap.add_argument("--repeat", type=int, default=3, help="runs per tool (alternating); the median is reported")
+    ap.add_argument("--mask-diameter", type=float, default=0.0,
+                    help="also run cryodask with this particle mask diameter (Å), reported separately")
+    ap.add_argument("--no-relion-mpi", action="store_true", help="skip mpirun -n THREADS relion_reconstruct_mpi")
     a = ap.parse_args()
     if not VOLUME.exists():
         print(f"{VOLUME} not found: this benchmark needs ../shared/data")
@@ -147,31 +161,61 @@ def main() -> int:
     pin = ["taskset", "-c", cores] if shutil.which("taskset") else []
     env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
                OMP_NUM_THREADS=str(a.threads))
+    have_relion = shutil.which("relion_reconstruct") is not None
     rows = []
     for box in (int(s) for s in a.sets.split(",")):
         d = work / f"ribo{box}"
         star = simulate(d, box)
         n, apix = SETS[box]
         truth = d / "truth.mrc"
+        tools = {}
+        if have_relion:
+            tools["relion_reconstruct --ctf (1 thread: it has no thread option)"] = (
+                pin + ["relion_reconstruct", "--i", "particles.star", "--o", "relion.mrc", "--ctf",
+                       "--angpix", str(apix)], [("map", d / "relion.mrc")])
+            if not a.no_relion_mpi and shutil.which("mpirun") and shutil.which("relion_reconstruct_mpi"):
+                tools[f"mpirun -n {a.threads} relion_reconstruct_mpi --ctf"] = (
+                    pin + ["mpirun", "-n", str(a.threads), "--oversubscribe", "relion_reconstruct_mpi", "--i",
+                           "particles.star", "--o", "relion_mpi.mrc", "--ctf", "--angpix", str(apix)],
+                    [("map", d / "relion_mpi.mrc")])
+        out = d / "cryodask"
+        tools[f"cryodask reconstruct ({a.threads} threads)"] = (
+            pin + [sys.executable, "-m", "cryodask.reconstruct", str(star), str(out), "--threads", str(a.threads)],
+            [("map (Wiener)", out / "map.mrc"), ("map_unfil", out / "map_unfil.mrc")])
+        if a.mask_diameter:
+            outm = d / "cryodask_masked"
+            tools[f"cryodask reconstruct --mask-diameter {a.mask_diameter:g}"] = (
+                pin + [sys.executable, "-m", "cryodask.reconstruct", str(star), str(outm), "--threads",
+                       str(a.threads), "--mask-diameter", str(a.mask_diameter)],
+                [("map (Wiener)", outm / "map.mrc")])
+        times = {k: [] for k in tools}
+        loads = []
         for _ in range(a.repeat):
-            if shutil.which("relion_reconstruct"):
-                wall = timed(pin + ["relion_reconstruct", "--i", "particles.star", "--o", "relion.mrc", "--ctf",
-                                    "--angpix", str(apix)], d, env)
-                rows.append((n, box, "relion_reconstruct --ctf", wall, *fsc_vs_truth(d / "relion.mrc", truth)))
-            out = d / "cryodask"
-            wall = timed(pin + [sys.executable, "-m", "cryodask.reconstruct", str(star), str(out),
-                                "--threads", str(a.threads)], d, env)
-            rows.append((n, box, "cryodask (Wiener)", wall, *fsc_vs_truth(out / "map.mrc", truth)))
-            if (out / "map_unfiltered.mrc").exists():
-                rows.append((n, box, "cryodask (unregularised)", wall,
-                             *fsc_vs_truth(out / "map_unfiltered.mrc", truth)))
-        for r in rows:
-            if r[1] == box:
-                print(f"{r[0]:>6d} {r[1]:>4d}  {r[2]:<28s} {r[3]:7.2f} s  FSC0.5 {r[4]:6.2f} Å  FSC0.143 {r[5]:6.2f} Å",
-                      flush=True)
-    print("\n     N  box  tool                          wall_s  FSC0.5_A  FSC0.143_A")
+            for name, (cmd, _maps) in tools.items():
+                loads.append(load_average())
+                times[name].append(timed(cmd, d, env))
+        for name, (_cmd, maps) in tools.items():
+            wall = float(np.median([t[0] for t in times[name]]))
+            cpu = float(np.median([t[1] for t in times[name]]))
+            gold = ""
+            if name.startswith("cryodask"):  # its own gold-standard half-map figure, for comparison
+                import json
+
+                fig = json.loads(times[name][-1][2].strip().splitlines()[-1])
+                gold = f"{fig['fsc0.143']:.2f}"
+            for label, path in maps:
+                r05, r0143 = fsc_vs_truth(path, truth)
+                rows.append((n, box, f"{name}: {label}", wall, cpu, r05, r0143, gold))
+                print(f"{n:>6d} {box:>4d}  {rows[-1][2]:<72s} wall {wall:7.2f} s  cpu {cpu:7.2f} s  "
+                      f"FSC0.5 {r05:6.2f} Å  FSC0.143 {r0143:6.2f} Å  half-map FSC0.143 {gold or '-'}", flush=True)
+        print(f"  (load average during the runs: {min(loads):.1f}–{max(loads):.1f}; "
+              f"walls: " + "; ".join(f"{k.split(' (')[0]}: " + ", ".join(f"{t[0]:.2f}" for t in v)
+                                       for k, v in times.items()) + ")", flush=True)
+    print("\nFSC against the truth (../shared/checks/fsc.py's code); wall = whole process, median of runs;"
+          "\ncpu = user+sys of the process and its children; half-map = the tool's own gold-standard figure.")
+    print("\n     N  box  tool / map" + " " * 62 + "wall_s   cpu_s  FSC0.5_A  FSC0.143_A  half-map_FSC0.143_A")
     for r in rows:
-        print(f"{r[0]:>6d} {r[1]:>4d}  {r[2]:<28s} {r[3]:7.2f}  {r[4]:8.2f}  {r[5]:10.2f}")
+        print(f"{r[0]:>6d} {r[1]:>4d}  {r[2]:<72s} {r[3]:7.2f} {r[4]:7.2f}  {r[5]:8.2f}  {r[6]:10.2f}  {r[7] or '-':>8s}")
     return 0
 
 

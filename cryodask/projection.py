@@ -8,9 +8,16 @@ radius ``N/2`` (Nyquist), as RELION's projector does.
 
 Array layouts: volumes ``(z, y, x)``; images ``(n, y, x)``; 2D transforms in ``rfft2`` layout
 ``(n, N, N//2+1)`` of the image with its centre (index ``N//2``) moved to the origin
-(``ifftshift``); 3D transforms full and centred (index ``M//2`` is zero frequency).
+(``ifftshift``); 3D transforms full and centred (index ``M//2`` is zero frequency), or — what
+the kernels work on — the Hermitian half ``k_x >= 0`` in a padded float32 table (see
+:func:`half_grid_shape`). Interpolation (gather) and back-projection (scatter) share one
+trilinear kernel, so :func:`insert_slices` is the exact adjoint of :func:`extract_slices`.
+Particles are processed in viewing-direction order (:func:`view_order`) so that consecutive
+slices overlap in memory; on CPU the gathers/scatters run in scipy's compiled sparse loops.
 """
 from __future__ import annotations
+
+import functools
 
 import numpy as np
 import torch
@@ -19,9 +26,11 @@ __all__ = [
     "default_device",
     "gridding_correction",
     "volume_to_fourier",
+    "volume_to_half_fourier",
     "slice_coordinates",
     "extract_slices",
-    "planar_fourier_volume",
+    "half_fourier_volume",
+    "view_order",
     "insert_slices",
     "half_grid_shape",
     "scatter_half",
@@ -69,6 +78,23 @@ def volume_to_fourier(volume, pad: int = 2, device=None) -> torch.Tensor:
     return torch.fft.fftshift(f).to(torch.complex64)
 
 
+def volume_to_half_fourier(volume, pad: int = 2, device=None) -> torch.Tensor:
+    """The projector's half-grid table of a volume: :func:`half_fourier_volume` of
+    :func:`volume_to_fourier`, computed with a real FFT (half the work). Float32
+    (M+2, M+2, M//2+2, 2); pass it as ``fvol`` to :func:`extract_slices` / :func:`project`."""
+    device = device or default_device()
+    v = torch.as_tensor(np.asarray(volume, dtype=np.float32), device=device)
+    n = v.shape[0]
+    m = pad * n
+    big = torch.zeros((m, m, m), dtype=torch.float32, device=device)
+    o = m // 2 - n // 2
+    big[o:o + n, o:o + n, o:o + n] = v / gridding_correction(m, n, device)
+    f = torch.fft.fftshift(torch.fft.rfftn(torch.fft.ifftshift(big)), dim=(0, 1))  # (M, M, M//2+1)
+    out = torch.zeros(half_grid_shape(m, 2), dtype=torch.float32, device=device)
+    out[1:m, 1:m, : m // 2] = torch.view_as_real(f[1:, 1:, : m // 2])
+    return out
+
+
 def _rfft_grid(n: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     ky = torch.fft.fftfreq(n, device=device) * n
     kx = torch.fft.rfftfreq(n, device=device) * n
@@ -89,98 +115,173 @@ def slice_coordinates(rotations, n: int, pad: int, device) -> tuple[torch.Tensor
     return coords, inside
 
 
-def _corners(coords: torch.Tensor, m: int):
-    """Flat indices and weights of the 8 trilinear neighbours; coords (..., 3) as (x, y, z).
-
-    Reference implementation on the full centred grid (kept for tests and small jobs)."""
-    p = coords + m // 2
-    p0 = torch.floor(p)
-    f = p - p0
-    i0 = p0.to(torch.int64)
-    out_idx, out_w = [], []
-    for dz in (0, 1):
-        for dy in (0, 1):
-            for dx in (0, 1):
-                ix, iy, iz = i0[..., 0] + dx, i0[..., 1] + dy, i0[..., 2] + dz
-                w = (f[..., 0] if dx else 1 - f[..., 0]) * (f[..., 1] if dy else 1 - f[..., 1]) * (
-                    f[..., 2] if dz else 1 - f[..., 2])
-                ok = (ix >= 0) & (ix < m) & (iy >= 0) & (iy < m) & (iz >= 0) & (iz < m)
-                idx = (iz.clamp(0, m - 1) * m + iy.clamp(0, m - 1)) * m + ix.clamp(0, m - 1)
-                out_idx.append(idx)
-                out_w.append(torch.where(ok, w, torch.zeros_like(w)))
-    return torch.stack(out_idx, -1), torch.stack(out_w, -1)
-
-
-def planar_fourier_volume(fvol: torch.Tensor) -> torch.Tensor:
-    """Real and imaginary planes of a centred 3D transform as float32 (1, 2, M, M, M).
-
-    The layout :func:`extract_slices` samples from (``torch.nn.functional.grid_sample``);
-    pass the result instead of ``fvol`` to reuse it across calls.
-    """
-    return torch.view_as_real(fvol).permute(3, 0, 1, 2).unsqueeze(0).contiguous()
-
-
-def extract_slices(fvol: torch.Tensor, rotations, n: int, pad: int = 2, batch: int = 512) -> torch.Tensor:
-    """Central slices of a centred 3D transform: complex64 (b, N, N//2+1), rfft layout.
-
-    ``fvol``: complex (M, M, M) from :func:`volume_to_fourier`, or its
-    :func:`planar_fourier_volume` form. Trilinear interpolation (``grid_sample``, zero outside
-    the grid); frequencies beyond the Nyquist circle (radius N/2) are zero.
-    """
-    vol2 = planar_fourier_volume(fvol) if fvol.is_complex() else fvol
-    m = vol2.shape[-1]
-    device = vol2.device
-    rot = np.asarray(rotations).reshape(-1, 3, 3)
-    out = torch.empty((len(rot), n, n // 2 + 1), dtype=torch.complex64, device=device)
-    scale = 2.0 / (m - 1)
-    for s in range(0, len(rot), batch):
-        coords, inside = slice_coordinates(rot[s:s + batch], n, pad, device)
-        # grid_sample (align_corners): index i <-> 2 i / (M-1) - 1; index = coord + M//2
-        grid = (coords + m // 2) * scale - 1.0
-        vals = torch.nn.functional.grid_sample(vol2, grid[None], mode="bilinear", padding_mode="zeros",
-                                               align_corners=True)[0]  # (2, b, N, N//2+1)
-        vals = vals * inside
-        out[s:s + batch] = torch.complex(vals[0], vals[1])
-    return out
-
-
-# ---------------------------------------------------------------- back-projection (half grid)
+# ---------------------------------------------------------------- half-grid trilinear kernels
 #
-# Accumulators hold only the half kx >= 0 of the 3D transform (real data are Hermitian): a
-# sample at k with k_x < 0 is added at its Friedel mate -k with its imaginary part negated,
-# which halves the work. Layout: float32 (M+2, M+2, M//2+2, C), indexed (z, y, x, channel) with
-# z, y = k + M//2 and x = k_x; the extra planes take the trilinear spill-over at k = M/2.
-# :func:`hermitian_close` then restores the plane k_x = 0, whose two halves the mates share.
+# Real maps have Hermitian transforms, so only the half k_x >= 0 is stored: a sample at k with
+# k_x < 0 is taken from (or added at) its Friedel mate -k, with the imaginary part negated.
+# Half grids are float32 (M+2, M+2, M//2+2, C) arrays indexed (z, y, x, channel) with
+# z, y = k + M//2 and x = k_x; the two extra planes on each axis hold the trilinear spill-over
+# of samples at |k| = M/2, so no bounds checks are needed for |k| <= M/2.
+#
+# The work is done in flat "planar" form: coordinates (3, P), one int32 base index and eight
+# float32 weight vectors (one per corner, order dz, dy, dx) per batch; on CPU the gathers and
+# scatters are scipy's compiled sparse mat-vec loops (one nonzero per row/column, in place),
+# elsewhere torch indexing / ``index_add_``.
+
+_USE_SCIPY = True  # tests switch this off to exercise the torch path
+
+
+@functools.lru_cache(maxsize=None)
+def _scipy_kernels():
+    """scipy's compiled CSC/CSR × dense loops (private module, stable for a decade; they release
+    the GIL), imported on first use; None if unavailable (then torch does the work)."""
+    try:
+        from scipy.sparse._sparsetools import csc_matvecs, csr_matvecs
+    except ImportError:  # pragma: no cover
+        return None
+    return csc_matvecs, csr_matvecs
 
 
 def half_grid_shape(m: int, channels: int = 3) -> tuple[int, int, int, int]:
-    """Shape of a half-grid accumulator for a padded box ``m``: (m+2, m+2, m//2+2, channels)."""
+    """Shape of a half-grid array for a padded box ``m``: (m+2, m+2, m//2+2, channels)."""
     return (m + 2, m + 2, m // 2 + 2, channels)
 
 
-def _scatter_rows(acc_flat: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, vals: torch.Tensor) -> None:
-    """``acc_flat[idx[p, c]] += w[p, c] * vals[p]`` for rows of ``acc_flat`` (G, C).
+def _corner_offsets(shape) -> list[int]:
+    gz, gy, gx = shape
+    return [dz * gy * gx + dy * gx + dx for dz in (0, 1) for dy in (0, 1) for dx in (0, 1)]
 
-    idx, w: (P, 8); vals: (P, C). On CPU a compiled sparse-matrix product (scipy's CSC
-    mat-vecs kernel: one pass, in place); elsewhere ``index_add_``.
+
+def _trilinear_planar(coords: torch.Tensor, shape):
+    """Base flat index, 8 corner weights and Friedel sign of samples on a half grid.
+
+    ``coords`` (3, P) float32 (x, y, z) in padded-grid voxels from the centre, |k| <= M/2;
+    ``shape`` (Gz, Gy, Gx) of the half grid. Returns ``(base int32 (P,), [w (P,)] × 8, sign (P,))``,
+    sign −1 where the sample was replaced by its mate (x < 0). Weights sum to 1 per sample.
     """
-    p, k = idx.shape
-    c = vals.shape[1]
-    if acc_flat.device.type == "cpu" and _csc_matvecs is not None:
-        indptr = np.arange(0, p * k + 1, k, dtype=np.int32)
-        _csc_matvecs(acc_flat.shape[0], p, c, indptr, idx.numpy().reshape(-1),
-                     w.numpy().reshape(-1), vals.numpy().reshape(-1), acc_flat.numpy().reshape(-1))
+    gz, gy, gx = shape
+    h = float((gz - 2) // 2)
+    x, y, z = coords[0], coords[1], coords[2]
+    sign = torch.where(x < 0, -1.0, 1.0)
+    x = x * sign
+    y = torch.addcmul(torch.full_like(y, h), y, sign)
+    z = torch.addcmul(torch.full_like(z, h), z, sign)
+    x0, y0, z0 = torch.floor(x), torch.floor(y), torch.floor(z)
+    fx, fy, fz = x - x0, y - y0, z - z0
+    if gz * gy * gx < 2**24:  # exact in float32
+        base = ((z0 * gy + y0) * gx + x0).to(torch.int32)
+    else:
+        base = ((z0.double() * gy + y0.double()) * gx + x0.double()).to(torch.int64)
+    gx0, gy0, gz0 = 1.0 - fx, 1.0 - fy, 1.0 - fz
+    ws = []
+    for wz in (gz0, fz):
+        for wy in (gy0, fy):
+            wzy = wz * wy
+            ws += [wzy * gx0, wzy * fx]
+    return base, ws, sign
+
+
+def _scatter_planar(table: torch.Tensor, shape, base, ws, values: torch.Tensor) -> None:
+    """``table[base + off_j] += w_j · values`` for the 8 corners; table (G, C) is the flat view of
+    a half grid of ``shape`` (Gz, Gy, Gx); values (P, C)."""
+    g, c = table.shape
+    offs = _corner_offsets(shape)
+    p = base.shape[0]
+    kernels = _scipy_kernels() if _USE_SCIPY and table.device.type == "cpu" else None
+    if kernels is not None and base.dtype == torch.int32:
+        ip = np.arange(p + 1, dtype=np.int32)
+        x = values.contiguous().numpy().reshape(-1)
+        y = table.numpy().reshape(-1)
+        for off, w in zip(offs, ws):
+            kernels[0](g, p, c, ip, (base + off).numpy(), w.contiguous().numpy(), x, y)
         return
-    flat = acc_flat.reshape(-1)
-    i = idx.reshape(-1).to(torch.int64) * c
-    for ch in range(c):
-        flat.index_add_(0, i + ch, (w * vals[:, ch:ch + 1]).reshape(-1))
+    for off, w in zip(offs, ws):
+        table.index_add_(0, (base + off).long(), values * w[:, None])
 
 
-try:  # scipy's compiled CSC x dense kernel, used in place (falls back to torch when absent)
-    from scipy.sparse._sparsetools import csc_matvecs as _csc_matvecs
-except ImportError:  # pragma: no cover
-    _csc_matvecs = None
+def _gather_planar(table: torch.Tensor, shape, base, ws) -> torch.Tensor:
+    """``Σ_j w_j · table[base + off_j]`` over the 8 corners: (P, C) from table (G, C), the flat
+    view of a half grid of ``shape`` (Gz, Gy, Gx)."""
+    g, c = table.shape
+    offs = _corner_offsets(shape)
+    p = base.shape[0]
+    kernels = _scipy_kernels() if _USE_SCIPY and table.device.type == "cpu" else None
+    if kernels is not None and base.dtype == torch.int32:
+        out = torch.zeros((p, c), dtype=torch.float32)
+        ip = np.arange(p + 1, dtype=np.int32)
+        x = table.numpy().reshape(-1)
+        y = out.numpy().reshape(-1)
+        for off, w in zip(offs, ws):
+            kernels[1](p, g, c, ip, (base + off).numpy(), w.contiguous().numpy(), x, y)
+        return out
+    out = torch.zeros((p, c), dtype=table.dtype, device=table.device)
+    for off, w in zip(offs, ws):
+        out += table[(base + off).long()] * w[:, None]
+    return out
+
+
+def view_order(rotations) -> np.ndarray:
+    """Permutation that sorts particles by viewing direction (±z row of the rotation), in bands
+    of 6° polar angle with alternating azimuth: consecutive slices then overlap, which keeps the
+    trilinear scatter/gather cache-friendly. The order does not change any result."""
+    r = np.asarray(rotations, dtype=np.float64).reshape(-1, 3, 3)
+    d = r[:, 2] * np.where(r[:, 2, 2:3] < 0, -1.0, 1.0)  # a plane is the same for ±direction
+    band = np.floor(np.arccos(np.clip(d[:, 2], -1, 1)) / np.deg2rad(6.0))
+    phi = np.arctan2(d[:, 1], d[:, 0]) / (2 * np.pi)
+    return np.argsort(band * 4 + np.where(band % 2 == 0, phi, -phi), kind="stable")
+
+
+def half_fourier_volume(fvol: torch.Tensor) -> torch.Tensor:
+    """Half-grid form (M+2, M+2, M//2+2, 2) float32 of a centred full transform (M, M, M).
+
+    The layout :func:`extract_slices` samples from; pass it instead of ``fvol`` to reuse it.
+    The planes |k| = M/2 (and beyond) are zero on every axis — the padded grid's Nyquist, which
+    no sample inside the Nyquist sphere needs (RELION's projector zeroes beyond its r_max too) —
+    so the Friedel-mirrored lookups stay symmetric.
+    """
+    m = fvol.shape[0]
+    out = torch.zeros(half_grid_shape(m, 2), dtype=torch.float32, device=fvol.device)
+    out[1:m, 1:m, : m // 2] = torch.view_as_real(fvol[1:, 1:, m // 2:].to(torch.complex64))
+    return out
+
+
+def extract_slices(fvol: torch.Tensor, rotations, n: int, pad: int = 2, batch: int | None = None) -> torch.Tensor:
+    """Central slices of a centred 3D transform: complex64 (b, N, N//2+1), rfft layout.
+
+    ``fvol``: complex (M, M, M) from :func:`volume_to_fourier`, or its
+    :func:`half_fourier_volume` form. Trilinear interpolation, zero outside the grid;
+    frequencies beyond the Nyquist circle (radius N/2) are zero. ``batch``: slices per step
+    (default 32 on CPU, where the table stays in cache, 1024 on a GPU).
+    """
+    half = half_fourier_volume(fvol) if fvol.is_complex() else fvol
+    device = half.device
+    batch = batch or (32 if device.type == "cpu" else 1024)
+    shape = half.shape[:3]
+    table = half.reshape(-1, 2)
+    rot = np.asarray(rotations, dtype=np.float64).reshape(-1, 3, 3)
+    kx, ky, sel = _inside(n, device)
+    k2t = torch.stack([kx, ky], 0)  # (2, K)
+    out = torch.zeros((len(rot), n * (n // 2 + 1)), dtype=torch.complex64, device=device)
+    order = view_order(rot)
+    for s in range(0, len(rot), batch):
+        ids = order[s:s + batch]
+        r = torch.as_tensor(pad * rot[ids, :2], dtype=torch.float32, device=device)  # (b, 2, 3)
+        coords = torch.matmul(r.transpose(1, 2), k2t).permute(1, 0, 2).reshape(3, -1)
+        base, ws, sign = _trilinear_planar(coords, shape)
+        v = _gather_planar(table, shape, base, ws)
+        vals = torch.complex(v[:, 0], v[:, 1] * sign).reshape(len(ids), -1)
+        out[torch.as_tensor(ids, device=device)[:, None], sel[None, :]] = vals
+    return out.reshape(len(rot), n, n // 2 + 1)
+
+
+def _inside(n: int, device):
+    """(kx, ky) of the rfft half plane within the Nyquist circle (float32, (K,)), flat indices."""
+    ky = torch.fft.fftfreq(n, device=device) * n
+    kx = torch.fft.rfftfreq(n, device=device) * n
+    kyy, kxx = torch.meshgrid(ky, kx, indexing="ij")
+    inside = (kxx**2 + kyy**2 <= (n / 2) ** 2).reshape(-1)
+    sel = torch.nonzero(inside).reshape(-1)
+    return kxx.reshape(-1)[sel], kyy.reshape(-1)[sel], sel
 
 
 def scatter_half(acc: torch.Tensor, coords: torch.Tensor, values: torch.Tensor, odd=(1,)) -> None:
@@ -190,34 +291,16 @@ def scatter_half(acc: torch.Tensor, coords: torch.Tensor, values: torch.Tensor, 
     sample positions (x, y, z) in padded-grid voxels from the centre, |k| <= M/2;
     ``values``: float32 (P, C). Samples with x < 0 are moved to -coords with the channels in
     ``odd`` negated (the imaginary parts). Each sample is spread over its 8 neighbours with
-    weights (1-f)·f products that sum to 1.
+    weights (1-f)·f products that sum to 1. ``coords`` and ``values`` are not modified.
     """
     if coords.shape[0] == 0:
         return
-    m = acc.shape[0] - 2
-    gz, gy, gx, c = acc.shape
-    coords = coords.to(torch.float32)
-    neg = coords[:, 0] < 0
-    sign = 1.0 - 2.0 * neg.to(torch.float32)
-    q = coords * sign[:, None]
-    q = q + torch.tensor([0.0, m // 2, m // 2], device=q.device)
-    q0 = torch.floor(q)
-    f = q - q0
-    i0 = q0.to(torch.int32)
-    base = (i0[:, 2] * gy + i0[:, 1]) * gx + i0[:, 0]
-    offs = torch.tensor([dz * gy * gx + dy * gx + dx for dz in (0, 1) for dy in (0, 1) for dx in (0, 1)],
-                        dtype=torch.int32, device=q.device)
-    idx = base[:, None] + offs
-    fx, fy, fz = f.unbind(1)
-    gxx = torch.stack([1 - fx, fx], 1)
-    wzy = torch.stack([(1 - fz) * (1 - fy), (1 - fz) * fy, fz * (1 - fy), fz * fy], 1)
-    w = (wzy[:, :, None] * gxx[:, None, :]).reshape(-1, 8)
-    if odd:
-        flip = torch.ones(c, device=q.device)
-        flip[list(odd)] = -1.0
-        factor = torch.where(neg[:, None], flip, torch.ones_like(flip))
-        values = values * factor
-    _scatter_rows(acc.view(-1, c), idx, w, values.to(torch.float32).contiguous())
+    c = acc.shape[-1]
+    base, ws, sign = _trilinear_planar(coords.to(torch.float32).t().contiguous(), acc.shape[:3])
+    values = values.to(torch.float32).clone()
+    for ch in odd:
+        values[:, ch] *= sign
+    _scatter_planar(acc.view(-1, c), acc.shape[:3], base, ws, values)
 
 
 def hermitian_close(half: torch.Tensor, odd=(1,)) -> torch.Tensor:
@@ -324,11 +407,14 @@ def project(volume, rotations, origins_px=None, ctf=None, pad: int = 2, device=N
     """Projections of ``volume`` (N, N, N) at ``rotations`` (b, 3, 3).
 
     ``origins_px`` (b, 2): RELION origins in pixels (image content moved by −origin).
-    ``ctf`` (b, N, N//2+1): multiplied in Fourier space. Returns float32 (b, N, N).
+    ``ctf`` (b, N, N//2+1): multiplied in Fourier space. ``fvol``: the volume's transform, from
+    :func:`volume_to_half_fourier` (or :func:`volume_to_fourier`), to reuse across calls.
+    Returns float32 (b, N, N).
     """
     if fvol is None:
-        fvol = volume_to_fourier(volume, pad=pad, device=device)
-    n = fvol.shape[0] // pad
+        fvol = volume_to_half_fourier(volume, pad=pad, device=device)
+    m = fvol.shape[0] if fvol.is_complex() else fvol.shape[0] - 2
+    n = m // pad
     f = extract_slices(fvol, rotations, n, pad)
     if origins_px is not None:
         f = f * shift_phases(n, -np.asarray(origins_px, dtype=np.float32), f.device)
