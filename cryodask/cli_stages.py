@@ -36,10 +36,42 @@ def cmd_align2d(args) -> int:
     return 0
 
 
+def cmd_reconstruct(args) -> int:
+    from .reconstruct import reconstruct_star
+
+    r = reconstruct_star(args.particles, args.out, symmetry=args.symmetry, ctf=not args.no_ctf,
+                         threads=args.threads, seed=args.seed, mask_diameter=args.mask_diameter)
+    print(json.dumps({k: r[k] for k in ("n_particles", "symmetry", "fsc0.5", "fsc0.143") if k in r}, default=str))
+    print(f"-> {args.out}/map.mrc, half1.mrc, half2.mrc, fsc.csv, fsc.png", file=sys.stderr)
+    return 0
+
+
+def cmd_fsc(args) -> int:
+    from .fsc import fsc_report
+    from .io.mrc import read_map
+
+    a, apix = read_map(args.map1)
+    b, _ = read_map(args.map2)
+    apix = args.pixel_size or apix
+    if not apix:
+        from .errors import InputError
+
+        raise InputError(args.map1, "no voxel size in the header: pass --pixel-size")
+    from .fsc import write_fsc_csv, write_fsc_png
+
+    rep = fsc_report(a, b, apix, mask_radius=args.mask_radius)
+    curves = {"fsc": rep["curve"], **({"masked_corrected": rep["masked_curve"]} if "masked_curve" in rep else {})}
+    if args.csv:
+        write_fsc_csv(args.csv, curves, a.shape[0], apix)
+    if args.png:
+        write_fsc_png(args.png, curves, a.shape[0], apix, title=f"{Path(args.map1).name} vs {Path(args.map2).name}")
+    print(" ".join(f"{k}={v:.2f} A" for k, v in rep.items() if k != "curve" and not k.endswith("curve"))
+          + f" nyquist={2 * apix:.2f} A")
+    return 0
+
+
 def register(sub, add_cluster_args) -> None:
     """Add the stage subcommands to the ``cryodask`` parser."""
-    from .align2d import DEFAULT_VARIANT, VARIANTS
-
     s = sub.add_parser("select", help="Component 3: perfect particle masks and good/bad selection",
                        description="Per particle: intensity clustering -> cleaned mask -> perfect mask (oriented "
                                    "rectangle for side views, Hough disc for top views); rejects bad particles "
@@ -58,8 +90,31 @@ def register(sub, add_cluster_args) -> None:
     a.add_argument("--particles", required=True, help="RELION particle STAR (stack paths relative to it)")
     a.add_argument("--out", required=True)
     a.add_argument("--view", choices=["side", "top", "auto"], default="auto")
-    a.add_argument("--variant", choices=sorted(VARIANTS), default=DEFAULT_VARIANT,
-                   help=f"registration variant (default {DEFAULT_VARIANT}; 'paper-*' are the paper's four)")
+    a.add_argument("--variant", default="global-refine",
+                   help="registration variant: global-refine (default, best measured), global-mask, or the paper's "
+                        "four: paper-affine, paper-adjusted, paper-300, paper-sim-affine")
     a.add_argument("--diameter", type=float, default=None, help="particle's largest dimension, Å")
     add_cluster_args(a)
     a.set_defaults(func=cmd_align2d)
+
+    r = sub.add_parser("reconstruct", help="Fourier reconstruction from a particle STAR with known angles",
+                       description="Direct Fourier inversion with CTF (Wiener), symmetry and gold-standard halves "
+                                   "(rlnRandomSubset, or a seeded random split). Writes map.mrc, half1.mrc, "
+                                   "half2.mrc, fsc.csv, fsc.png.")
+    r.add_argument("--particles", required=True)
+    r.add_argument("--out", required=True)
+    r.add_argument("--symmetry", default="C1")
+    r.add_argument("--no-ctf", action="store_true")
+    r.add_argument("--mask-diameter", type=float, default=None, help="soft spherical mask, Å")
+    r.add_argument("--threads", type=int, default=None, help="threads (default: all cores)")
+    r.add_argument("--seed", type=int, default=0)
+    r.set_defaults(func=cmd_reconstruct)
+
+    f = sub.add_parser("fsc", help="Fourier shell correlation of two maps, resolution at 0.143 and 0.5")
+    f.add_argument("map1")
+    f.add_argument("map2")
+    f.add_argument("--pixel-size", type=float, default=None)
+    f.add_argument("--mask-radius", type=float, default=None, help="soft spherical mask radius, px")
+    f.add_argument("--csv", default=None)
+    f.add_argument("--png", default=None)
+    f.set_defaults(func=cmd_fsc)
