@@ -37,6 +37,14 @@ def cmd_align2d(args) -> int:
 
 
 def cmd_reconstruct(args) -> int:
+    if args.method == "localized":
+        from .localized import localized_star
+
+        with _client(args):
+            r = localized_star(args.particles, args.out, chain_size=args.chain_size, seed=args.seed)
+        print(json.dumps({k: v for k, v in r.items() if not isinstance(v, (dict, list))}, default=str))
+        print(f"-> {args.out}/localized_map.mrc (+ control maps, points/)", file=sys.stderr)
+        return 0
     from .reconstruct import reconstruct_star
 
     r = reconstruct_star(args.particles, args.out, symmetry=args.symmetry, ctf=not args.no_ctf,
@@ -97,10 +105,14 @@ def register(sub, add_cluster_args) -> None:
     add_cluster_args(a)
     a.set_defaults(func=cmd_align2d)
 
-    r = sub.add_parser("reconstruct", help="Fourier reconstruction from a particle STAR with known angles",
-                       description="Direct Fourier inversion with CTF (Wiener), symmetry and gold-standard halves "
-                                   "(rlnRandomSubset, or a seeded random split). Writes map.mrc, half1.mrc, "
-                                   "half2.mrc, fsc.csv, fsc.png.")
+    r = sub.add_parser("reconstruct", help="3D reconstruction: Fourier (known angles) or the paper's localized method",
+                       description="--method fourier (default): direct Fourier inversion of a particle STAR with "
+                                   "known angles, CTF (Wiener), symmetry and gold-standard halves (rlnRandomSubset, "
+                                   "or a seeded random split); writes map.mrc, half1.mrc, half2.mrc, fsc.csv, "
+                                   "fsc.png. --method localized: the paper's pairwise structure-from-motion maps "
+                                   "from 2D-aligned particles (e.g. align2d's particles_aligned.star), averaged.")
+    r.add_argument("--method", choices=["fourier", "localized"], default="fourier")
+    r.add_argument("--chain-size", type=int, default=50, help="localized: particles per fusion chain")
     r.add_argument("--particles", required=True)
     r.add_argument("--out", required=True)
     r.add_argument("--symmetry", default="C1")
@@ -108,7 +120,8 @@ def register(sub, add_cluster_args) -> None:
     r.add_argument("--mask-diameter", type=float, default=None, help="soft spherical mask, Å")
     r.add_argument("--threads", type=int, default=None, help="threads (default: all cores)")
     r.add_argument("--seed", type=int, default=0)
-    r.set_defaults(func=cmd_reconstruct)
+    add_cluster_args(r)
+    r.set_defaults(func=cmd_reconstruct, cluster="none")
 
     f = sub.add_parser("fsc", help="Fourier shell correlation of two maps, resolution at 0.143 and 0.5")
     f.add_argument("map1")
