@@ -881,7 +881,7 @@ def align2d_star(star_in: str | Path, out_dir: str | Path, *, view: str = "auto"
     for k, val in {**rel, **selection_columns(feats, selected, reasons), "cdAlignScore": score}.items():
         out_ds[k] = ("particle", np.asarray(val))
     write_particles(out / "particles_aligned.star", out_ds)
-    write_gallery(out / "align2d_gallery.png", ds, feats, selected, reasons)
+    write_gallery(out / "align2d_gallery.png", ds, feats, selected, reasons, images=images)
     summary = {
         "n_particles": int(n), "n_selected": int(selected.sum()), "n_side": int((found & ~top).sum()),
         "n_top": int(top.sum()), "n_no_mask": int((~found).sum()),

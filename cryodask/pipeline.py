@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+import pandas as pd
 
 from .errors import CryodaskError, InputError
 
@@ -155,11 +156,132 @@ def _stage_preprocess(ctx: Context) -> dict[str, Any]:
     return {"steps": list(steps), "binning": float(binning), "shape_px": list(pre.shape[1:])}
 
 
+def _diameter_px(ctx: Context) -> float:
+    return float(ctx.cfg.diameter) / ctx.pixel_size
+
+
+def _stage_pick(ctx: Context) -> dict[str, Any]:
+    from .io.star import write_coordinates, write_particles
+    from .model import particle_dataset
+    from .pick import pick_graph
+    from .runtime import compute
+
+    cfg = ctx.cfg
+    mics = _micrographs(ctx)
+    params = dict(cfg.pick)
+    method = params.pop("method", "ibc")
+    names = [str(m) for m in mics["micrograph"].values]
+    paths = [str(p) for p in mics["path"].values]
+    graph = pick_graph(mics["image"].data, names, ctx.pixel_size, cfg.diameter, method=method,
+                       pick_params=params.get("ibc"), train_params={"seed": cfg.seed, **params.get("deep", {})})
+    model = graph.pop("__model__", None)
+    results = compute(*graph.values(), *([model] if model is not None else []), label=f"pick ({method})")
+    frames = []
+    out = ctx.out / "picks"
+    (out / "coordinates").mkdir(parents=True, exist_ok=True)
+    for name, path, df in zip(names, paths, results[:len(names)]):
+        cls = np.where(df["view"].astype(str) == "side", 2, 1)
+        write_coordinates(out / "coordinates" / f"{name}.star", df["x"].to_numpy(float), df["y"].to_numpy(float),
+                          extra={"rlnAutopickFigureOfMerit": df["score"].to_numpy(float), "rlnClassNumber": cls})
+        frames.append(pd.DataFrame({"rlnMicrographName": path, "rlnCoordinateX": df["x"].to_numpy(float),
+                                    "rlnCoordinateY": df["y"].to_numpy(float),
+                                    "rlnAutopickFigureOfMerit": df["score"].to_numpy(float),
+                                    "rlnClassNumber": cls, "cdViewClass": df["view"].astype(str).to_numpy(object)}))
+    table = pd.concat(frames, ignore_index=True)
+    attrs = {k: v for k, v in mics.attrs.items() if k in ("pixel_size", "voltage", "cs", "amplitude_contrast")}
+    write_particles(out / "particles.star", particle_dataset(None, table, attrs))
+    result: dict[str, Any] = {"method": method, "n_picks": len(table),
+                              "per_micrograph": {n: int(len(d)) for n, d in zip(names, results[:len(names)])},
+                              "views": {str(k): int(v) for k, v in table["cdViewClass"].value_counts().items()},
+                              "star": str(out / "particles.star")}
+    if model is not None:
+        from .pick_deep import save_model
+
+        save_model(results[-1], out / "picker_weights.pt")
+        result["weights"] = str(out / "picker_weights.pt")
+    if cfg.truth:
+        from .evaluate import evaluate_picking, load_truth
+
+        table["mic"] = table["rlnMicrographName"].map(lambda s: Path(str(s)).stem)
+        truth = load_truth(cfg.truth)
+        result["truth"] = evaluate_picking(table, truth[truth["mic"].isin(names)], 0.25 * _diameter_px(ctx))
+    return result
+
+
+def _read_picks(ctx: Context) -> pd.DataFrame:
+    from .io.star import read_particles
+    from .model import table_to_frame
+
+    t = table_to_frame(read_particles(ctx.out / "picks" / "particles.star"))
+    t["rlnMicrographName"] = t["rlnMicrographName"].map(lambda s: Path(str(s)).stem)
+    return t
+
+
+def _stage_extract(ctx: Context) -> dict[str, Any]:
+    import dask.array as da
+    import xarray as xr
+
+    from .extract import box_size, extract_graph
+    from .model import open_group, write_group
+
+    cfg = ctx.cfg
+    params = dict(cfg.extract)
+    box = int(params.get("box") or box_size(_diameter_px(ctx), params.get("factor", 1.5)))
+    picks = _read_picks(ctx)
+    mics = _micrographs(ctx)
+    ds, dropped = extract_graph(mics, picks, box, invert=params.get("invert", True), edge=params.get("edge", "drop"))
+    # the preprocessed version of every kept particle, cut from the preprocessed micrograph at
+    # the picking scale and resampled to the same box
+    pre = open_group(ctx.store, "preprocessed")
+    binning = float(pre.attrs.get("binning", 1.0))
+    kept = pd.DataFrame({"rlnMicrographName": ds["rlnMicrographName"].values.astype(object),
+                         "rlnCoordinateX": ds["rlnCoordinateX"].values / binning,
+                         "rlnCoordinateY": ds["rlnCoordinateY"].values / binning})
+    small = max(8, int(round(box / binning / 2)) * 2)
+    pre_ds, _ = extract_graph(pre.rename({"yp": "y", "xp": "x"}), kept, small, invert=True, edge="pad")
+    ds["preprocessed"] = (("particle", "y", "x"), pre_ds["image"].data.map_blocks(
+        _resize_boxes, box, dtype=np.float32, chunks=(pre_ds["image"].data.chunks[0], (box,), (box,))))
+    ds.attrs["box"] = box
+    res = write_group(ds, ctx.store, "particles", resume=ctx.records, label="extract")
+    return {"box_px": box, "n_particles": int(ds.sizes["particle"]), "n_dropped_edge": int(len(dropped)),
+            "chunks": res}
+
+
+def _resize_boxes(boxes: np.ndarray, box: int) -> np.ndarray:
+    import torch
+
+    t = torch.from_numpy(np.ascontiguousarray(boxes, np.float32))[:, None]
+    return torch.nn.functional.interpolate(t, size=(box, box), mode="bilinear", align_corners=False)[:, 0].numpy()
+
+
+def _particles(ctx: Context):
+    from .model import open_group
+
+    return open_group(ctx.store, "particles")
+
+
+def _stage_align2d(ctx: Context) -> dict[str, Any]:
+    from .align2d import align2d_star
+
+    cfg = ctx.cfg
+    ds = _particles(ctx)
+    ds = ds.drop_vars("preprocessed")
+    params = dict(cfg.align2d)
+    summary = align2d_star(ds, ctx.out / "align2d", view=params.get("view", "auto"),
+                           variant=params.get("variant", "global-refine"), diameter_A=cfg.diameter)
+    ctx.figures.append(("2D alignment: accepted and rejected particles with their perfect masks",
+                        "align2d/align2d_gallery.png"))
+    return {k: v for k, v in summary.items() if not isinstance(v, (list,))}
+
+
 STAGES: dict[str, Callable[[Context], dict[str, Any]]] = {
     "ingest": _stage_ingest,
     "preprocess": _stage_preprocess,
+    "pick": _stage_pick,
+    "extract": _stage_extract,
+    "align2d": _stage_align2d,
 }
-ORDER = ["ingest", "preprocess", "pick", "extract", "select", "align2d", "reconstruct"]
+ORDER = ["ingest", "preprocess", "ctf", "pick", "extract", "align2d", "localized", "refine"]
 
 
 def _stage_params(cfg: RunConfig, name: str) -> dict[str, Any]:

@@ -890,7 +890,7 @@ def select_star(star_in: str | Path, out_dir: str | Path, *, view: str = "auto",
                        coords={"feature": list(FEATURES)},
                        attrs={"pixel_size": apix, "stage": "select", "source": str(star_in)})
     write_group(store, out / "particles.zarr", "select")
-    write_gallery(out / "select_gallery.png", ds, f, selected, reasons)
+    write_gallery(out / "select_gallery.png", ds, f, selected, reasons, images=images)
     summary = {
         "n_particles": int(len(f)),
         "n_selected": int(selected.sum()),
@@ -907,16 +907,17 @@ def select_star(star_in: str | Path, out_dir: str | Path, *, view: str = "auto",
 
 
 def write_gallery(path: str | Path, ds, features: np.ndarray, selected: np.ndarray, reasons: np.ndarray,
-                  n_each: int = 8) -> Path | None:
-    """Read the first ``n_each`` accepted and rejected particles of a STAR Dataset and write
-    their :func:`gallery_png` with the perfect masks (None when there are no particles)."""
+                  n_each: int = 8, images=None) -> Path | None:
+    """Read the first ``n_each`` accepted and rejected particles of a STAR Dataset (or take them
+    from the lazy ``images`` array) and write their :func:`gallery_png` with the perfect masks
+    (None when there are no particles)."""
     from .io.star import read_particle_images
 
     selected = np.asarray(selected, bool)
     show = np.sort(np.r_[np.flatnonzero(selected)[:n_each], np.flatnonzero(~selected)[:n_each]])
     if not show.size:
         return None
-    imgs = read_particle_images(ds, show)
+    imgs = np.asarray(images[show]) if images is not None else read_particle_images(ds, show)
     box = imgs.shape[-1]
     masks = render_masks(np.asarray(features)[show], box)
     return gallery_png(path, imgs, masks, selected[show], np.asarray(reasons)[show], n_each=n_each,
