@@ -87,7 +87,9 @@ def cmd_run(args) -> int:
     cfg = RunConfig.load(args.config, overrides={
         "micrographs": args.micrographs, "pixel_size": args.pixel_size, "diameter": args.diameter,
         "symmetry": args.symmetry, "out": args.out, "seed": args.seed, "truth": args.truth,
-        "stages": args.stages,
+        "stages": args.stages, "voltage": args.voltage, "cs": args.cs,
+        "amplitude_contrast": args.amplitude_contrast,
+        "pick": {"method": args.pick_method} if args.pick_method else None,
     })
     ccfg = _cluster_config(args, cfg.cluster)
     rep = run_pipeline(cfg, ccfg)
@@ -162,6 +164,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--pixel-size", type=float, default=None, help="Å/px")
     r.add_argument("--diameter", type=float, default=None, help="particle outer diameter, Å")
     r.add_argument("--symmetry", default=None, help="C1, Cn, Dn, T, O or I")
+    r.add_argument("--voltage", type=float, default=None, help="kV (default 300)")
+    r.add_argument("--cs", type=float, default=None, help="spherical aberration, mm (default 2.7)")
+    r.add_argument("--amplitude-contrast", type=float, default=None, help="(default 0.1)")
+    r.add_argument("--pick-method", choices=["ibc", "deep"], default=None, help="picker (default ibc)")
     r.add_argument("--out", default=None)
     r.add_argument("--seed", type=int, default=None)
     r.add_argument("--truth", default=None, help="ground-truth folder of a simulation (adds accuracy figures)")

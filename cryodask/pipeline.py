@@ -47,11 +47,12 @@ class RunConfig:
     stages: list[str] | None = None
     cluster: dict[str, Any] = field(default_factory=dict)
     preprocess: dict[str, Any] = field(default_factory=dict)
+    ctf: dict[str, Any] = field(default_factory=dict)
     pick: dict[str, Any] = field(default_factory=dict)
     extract: dict[str, Any] = field(default_factory=dict)
     select: dict[str, Any] = field(default_factory=dict)
     align2d: dict[str, Any] = field(default_factory=dict)
-    reconstruct: dict[str, Any] = field(default_factory=dict)
+    refine: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def load(cls, path: str | None = None, overrides: dict[str, Any] | None = None) -> "RunConfig":
@@ -156,6 +157,53 @@ def _stage_preprocess(ctx: Context) -> dict[str, Any]:
     return {"steps": list(steps), "binning": float(binning), "shape_px": list(pre.shape[1:])}
 
 
+def _stage_ctf(ctx: Context) -> dict[str, Any]:
+    """Per-micrograph CTF estimation; micrographs whose Thon rings cannot show below Nyquist at
+    this pixel size are flagged (their particles are then reconstructed without CTF correction,
+    which only changes amplitudes when there are no CTF zeros below Nyquist)."""
+    from .ctf_estimate import CTF_COLUMNS, ctf_graph, ctf_table, thon_ring_count
+    from .runtime import compute
+
+    cfg = ctx.cfg
+    mics = _micrographs(ctx)
+    names = [str(m) for m in mics["micrograph"].values]
+    params = dict(cfg.ctf)
+    (vals,) = compute(ctf_graph(mics["image"].data, ctx.pixel_size, cfg.voltage, cfg.cs, cfg.amplitude_contrast,
+                                **params), label="CTF estimation")
+    table = ctf_table(vals, names)
+    nyq = 2 * ctx.pixel_size
+    mean_def = (table["rlnDefocusU"] + table["rlnDefocusV"]) / 2
+    rings = [thon_ring_count(d, 50.0, nyq, cfg.voltage, cfg.cs, cfg.amplitude_contrast) if np.isfinite(d) else 0
+             for d in mean_def]
+    table["cdThonRings"] = rings
+    table["cdCtfUsable"] = (np.asarray(rings) >= 2) & np.isfinite(mean_def.to_numpy())
+    out = ctx.out / "ctf"
+    out.mkdir(parents=True, exist_ok=True)
+    table.to_csv(out / "ctf.csv", index=False)
+    result: dict[str, Any] = {
+        "n_micrographs": len(table), "n_usable": int(table["cdCtfUsable"].sum()),
+        "defocus_median_A": float(np.nanmedian(mean_def)) if len(table) else None,
+        "fit_resolution_median_A": float(np.nanmedian(table["rlnCtfMaxResolution"])) if len(table) else None,
+        "csv": str(out / "ctf.csv")}
+    if result["n_usable"] < len(table):
+        result["warning"] = (f"{len(table) - result['n_usable']} micrograph(s) show fewer than 2 CTF zeros below "
+                             f"Nyquist ({nyq:.1f} Å) at their estimated defocus: their defocus is not measurable "
+                             "and their particles are reconstructed without CTF correction")
+        log.warning(result["warning"])
+    if cfg.truth:
+        from .evaluate import evaluate_ctf, load_truth
+
+        result["truth"] = evaluate_ctf(table.set_index("rlnMicrographName")[list(CTF_COLUMNS)], load_truth(cfg.truth))
+    return result
+
+
+def _ctf_table(ctx: Context) -> pd.DataFrame | None:
+    path = ctx.out / "ctf" / "ctf.csv"
+    if "ctf" not in ctx.results or not path.exists():
+        return None
+    return pd.read_csv(path)
+
+
 def _diameter_px(ctx: Context) -> float:
     return float(ctx.cfg.diameter) / ctx.pixel_size
 
@@ -228,6 +276,15 @@ def _stage_extract(ctx: Context) -> dict[str, Any]:
     params = dict(cfg.extract)
     box = int(params.get("box") or box_size(_diameter_px(ctx), params.get("factor", 1.5)))
     picks = _read_picks(ctx)
+    ctf = _ctf_table(ctx)
+    if ctf is not None:  # per-particle CTF from its micrograph's estimate
+        ctf = ctf[ctf["cdCtfUsable"].astype(bool)].drop(columns=["cdThonRings", "cdCtfUsable"])
+        picks = picks.merge(ctf, on="rlnMicrographName", how="left")
+        if picks["rlnDefocusU"].isna().any():  # some micrographs without a usable fit
+            if picks["rlnDefocusU"].isna().all():
+                picks = picks.drop(columns=[c for c in ctf.columns if c != "rlnMicrographName"])
+            else:
+                picks = picks[picks["rlnDefocusU"].notna()]
     mics = _micrographs(ctx)
     ds, dropped = extract_graph(mics, picks, box, invert=params.get("invert", True), edge=params.get("edge", "drop"))
     # the preprocessed version of every kept particle, cut from the preprocessed micrograph at
@@ -274,12 +331,101 @@ def _stage_align2d(ctx: Context) -> dict[str, Any]:
     return {k: v for k, v in summary.items() if not isinstance(v, (list,))}
 
 
+def _selected_particles(ctx: Context):
+    """The extracted particles that passed selection (align2d's cdSelected), lazily."""
+    from .io.star import read_particles
+
+    ds = _particles(ctx)
+    aligned = ctx.out / "align2d" / "particles_aligned.star"
+    if "align2d" in ctx.results and aligned.exists():
+        sel = read_particles(aligned)["cdSelected"].values.astype(bool)
+        if ctx.cfg.refine.get("use_selection", True) and sel.sum() >= 100:
+            ds = ds.isel(particle=np.flatnonzero(sel))
+    return ds
+
+
+def _stage_refine(ctx: Context) -> dict[str, Any]:
+    from .model import table_to_frame
+    from .refine import RefineSettings, refine_particles, write_refinement_outputs
+
+    cfg = ctx.cfg
+    params = dict(cfg.refine)
+    ds = _selected_particles(ctx)
+    table = table_to_frame(ds)
+    images = np.asarray(ds["image"].data.compute(), np.float32)
+    settings = RefineSettings.fast() if params.get("fast") else RefineSettings()
+    optics = {"voltage": cfg.voltage, "cs": cfg.cs, "amplitude_contrast": cfg.amplitude_contrast}
+    truth = None
+    result = refine_particles(images, table, ctx.pixel_size, _Optics(**optics), symmetry=cfg.symmetry,
+                              diameter=cfg.diameter, seed=cfg.seed, initial=params.get("initial", "auto"),
+                              settings=settings, log=lambda m: log.info("refine: %s", m), truth=truth)
+    figures = write_refinement_outputs(ctx.out, result, images, ctx.pixel_size)
+    ctx.figures += [("gold-standard FSC of the half maps", "fsc.png"),
+                    ("angular distribution of the refined particles", "angular_distribution.png")]
+    out = {"n_particles": int(len(table)), "symmetry": cfg.symmetry, "initial_model": result["initial"],
+           "resolution_half_maps_A": {k: float(v) for k, v in result["resolution"].items()},
+           "iterations": len(result.get("history", [])), "seconds": result.get("seconds")}
+    if cfg.truth:
+        out["truth"] = _evaluate_map_truth(ctx, result, images, table)
+    return out
+
+
+@dataclass
+class _Optics:
+    voltage: float = 300.0
+    cs: float = 2.7
+    amplitude_contrast: float = 0.1
+
+
+def _evaluate_map_truth(ctx: Context, result: dict, images: np.ndarray, table: pd.DataFrame) -> dict[str, Any]:
+    """FSC of the refined map vs the truth volume (after superposition), the known-pose
+    reconstruction of the same particles, and the honesty of the half-map resolution."""
+    from .evaluate import evaluate_map, load_truth, truth_pose_table
+    from .geometry import euler_to_matrix
+    from .io.mrc import read_map
+    from .reconstruct import accumulate, combine, gold_standard, random_subsets
+
+    cfg = ctx.cfg
+    truth_vol, _ = read_map(Path(cfg.truth) / "truth_volume.mrc")
+    if truth_vol.shape != result["map"].shape:
+        from .map_align import fourier_crop, fourier_pad
+
+        n = result["map"].shape[0]
+        truth_vol = fourier_crop(truth_vol, n) if truth_vol.shape[0] > n else fourier_pad(truth_vol, n)
+    ev = evaluate_map(result["map"], truth_vol, ctx.pixel_size, symmetry=cfg.symmetry)
+    out = {k: v for k, v in ev.items() if k not in ("curve", "aligned")}
+    half = float(result["resolution"]["fsc0.143"])
+    out["half_map_0.143_vs_truth_0.5_gap"] = abs(half - ev["fsc_vs_truth_0.5_A"]) / ev["fsc_vs_truth_0.5_A"]
+    # known poses (truth) for the same particles: the limit the data set
+    t = table.copy()
+    t["mic"] = t["rlnMicrographName"].map(lambda s: Path(str(s)).stem)
+    truth = load_truth(cfg.truth)
+    poses = truth_pose_table(t, truth, 0.25 * _diameter_px(ctx), ctx.pixel_size)
+    idx = poses.index.to_numpy()
+    rots = euler_to_matrix(poses["rlnAngleRot"], poses["rlnAngleTilt"], poses["rlnAnglePsi"])
+    origins = poses[["rlnOriginXAngst", "rlnOriginYAngst"]].to_numpy() / ctx.pixel_size
+    defocus = poses[["rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle"]].to_numpy()
+    subsets = random_subsets(len(idx), cfg.seed)
+    optics = _Optics(cfg.voltage, cfg.cs, cfg.amplitude_contrast)
+    accs = [accumulate(images[idx][subsets == h], rots[subsets == h], origins[subsets == h], defocus[subsets == h],
+                       pixel_size=ctx.pixel_size, optics=optics, symmetry=cfg.symmetry) for h in (1, 2)]
+    known = gold_standard(accs[0], accs[1], ctx.pixel_size)
+    kev = evaluate_map(known.map, truth_vol, ctx.pixel_size, symmetry=cfg.symmetry, align=False)
+    out["known_pose_fsc_vs_truth_0.143_A"] = kev["fsc_vs_truth_0.143_A"]
+    out["known_pose_fsc_vs_truth_0.5_A"] = kev["fsc_vs_truth_0.5_A"]
+    out["ratio_to_known_pose_0.143"] = ev["fsc_vs_truth_0.143_A"] / kev["fsc_vs_truth_0.143_A"]
+    out["n_matched_to_truth"] = int(len(idx))
+    return out
+
+
 STAGES: dict[str, Callable[[Context], dict[str, Any]]] = {
     "ingest": _stage_ingest,
     "preprocess": _stage_preprocess,
+    "ctf": _stage_ctf,
     "pick": _stage_pick,
     "extract": _stage_extract,
     "align2d": _stage_align2d,
+    "refine": _stage_refine,
 }
 ORDER = ["ingest", "preprocess", "ctf", "pick", "extract", "align2d", "localized", "refine"]
 
@@ -289,7 +435,7 @@ def _stage_params(cfg: RunConfig, name: str) -> dict[str, Any]:
     if name == "ingest":
         return {"micrographs": cfg.micrographs, "pixel_size": cfg.pixel_size, "voltage": cfg.voltage, "cs": cfg.cs,
                 "amplitude_contrast": cfg.amplitude_contrast}
-    if name == "reconstruct":
+    if name == "refine":
         return {**common, "symmetry": cfg.symmetry, **getattr(cfg, name, {})}
     return {**common, **(getattr(cfg, name, {}) or {})}
 
