@@ -72,7 +72,7 @@ class RunConfig:
                 raise InputError(p, "the configuration must be a mapping of keys to values")
         for k, v in (overrides or {}).items():
             if v is not None:
-                d[k] = v
+                d[k] = {**d[k], **v} if isinstance(v, dict) and isinstance(d.get(k), dict) else v
         if isinstance(d.get("micrographs"), str):
             d["micrographs"] = [d["micrographs"]]
         if isinstance(d.get("stages"), str):
