@@ -1,0 +1,155 @@
+#!/usr/bin/env python
+"""Throughput of preprocess + IBC pick as a Dask graph, 1 vs 2 workers.
+
+Micrographs per second for the whole ``cryodask.pick.pick_graph(..., method="ibc")`` (read
+from a zarr store → preprocess → pick, one task chain per micrograph) on a
+``distributed.LocalCluster`` with ``n_workers`` = 1 and 2 (``threads_per_worker=1``, one process
+per worker; OpenCV and BLAS limited to one thread in the workers), for 1240×1200 and
+4096×4096 micrographs, and the peak resident memory of every worker process (``ru_maxrss`` of a
+fresh cluster). The machine's load average is printed: other processes sharing the cores
+distort the scaling.
+
+Micrographs: the EMPIAR-10146 apoferritin micrographs from ``../shared/data/apoferritin``
+(1240×1200, tiled with mirroring into 4096×4096 mosaics) when present, else synthetic
+apoferritin-like rings in noise. Pixel size 1.5 Å, particle diameter 115 Å.
+
+    python benchmarks/bench_pick.py [--n-small 12] [--n-large 4] [--workers 1,2] [--json OUT]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import dask
+import dask.array as da
+import numpy as np
+
+PIXEL, DIAMETER = 1.5, 115.0
+DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "apoferritin"
+
+
+def _synthetic(shape, seed):
+    rng = np.random.default_rng(seed)
+    ny, nx = shape
+    img = np.zeros(shape, np.float32)
+    d = DIAMETER / PIXEL
+    yy, xx = np.ogrid[:ny, :nx]
+    for _ in range(int(0.5 * ny * nx / (d * d))):
+        cy, cx = rng.uniform(0, ny), rng.uniform(0, nx)
+        r = np.hypot(yy - cy, xx - cx)
+        img -= ((r > 0.25 * d) & (r < 0.5 * d)).astype(np.float32)
+    return 32768 + 3000 * img + rng.normal(0, 6000, shape).astype(np.float32)
+
+
+def _sources():
+    if DATA.exists():
+        import mrcfile
+
+        return [mrcfile.read(p).astype(np.float32) for p in sorted(DATA.glob("*.mrc"))], "EMPIAR-10146 apoferritin"
+    return [_synthetic((1200, 1240), s) for s in range(4)], "synthetic rings"
+
+
+def _mosaic(srcs, shape, seed):
+    rng = np.random.default_rng(seed)
+    out = np.empty(shape, np.float32)
+    ny, nx = srcs[0].shape
+    for y in range(0, shape[0], ny):
+        for x in range(0, shape[1], nx):
+            tile = srcs[rng.integers(len(srcs))]
+            if rng.random() < 0.5:
+                tile = tile[:, ::-1]
+            if rng.random() < 0.5:
+                tile = tile[::-1]
+            h, w = min(ny, shape[0] - y), min(nx, shape[1] - x)
+            out[y:y + h, x:x + w] = tile[:h, :w]
+    return out
+
+
+def _peak_rss_mb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _single_threaded():
+    """One core per worker: OpenCV and BLAS/OpenMP would otherwise spread each task over all
+    cores, so that a single worker already uses several and a second one cannot add them."""
+    import cv2
+
+    cv2.setNumThreads(1)
+    return cv2.getNumThreads()
+
+
+def run_one(store: str, n_workers: int, names):
+    from distributed import Client, LocalCluster
+
+    from cryodask.pick import pick_graph
+
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[var] = "1"  # inherited by the worker processes
+    with LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True, dashboard_address=":0",
+                      memory_limit="6GiB") as cluster, Client(cluster) as client:
+        arr = da.from_zarr(store)
+        client.run(lambda: __import__("cryodask.pick"))  # import cost outside the timing
+        client.run(_single_threaded)
+        t0 = time.perf_counter()
+        graph = pick_graph(arr, names, PIXEL, DIAMETER, method="ibc")
+        results = dask.compute(graph)[0]
+        wall = time.perf_counter() - t0
+        rss = client.run(_peak_rss_mb)
+    n_picks = int(sum(len(v) for v in results.values()))
+    return {"workers": n_workers, "wall_s": wall, "micrographs_per_s": len(names) / wall,
+            "peak_rss_mb_per_worker": sorted(rss.values()), "picks": n_picks}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n-small", type=int, default=12, help="number of 1240×1200 micrographs")
+    ap.add_argument("--n-large", type=int, default=4, help="number of 4096×4096 micrographs")
+    ap.add_argument("--workers", default="1,2")
+    ap.add_argument("--json", type=Path)
+    a = ap.parse_args()
+    import zarr
+
+    srcs, kind = _sources()
+    tmp = Path(tempfile.mkdtemp(prefix="bench_pick_"))
+    report = {"source": kind, "cpu_count": os.cpu_count(), "load_avg_start": os.getloadavg(), "runs": []}
+    try:
+        for label, shape, n in (("1240x1200", (1200, 1240), a.n_small), ("4096x4096", (4096, 4096), a.n_large)):
+            if n <= 0:
+                continue
+            if shape == srcs[0].shape:
+                stack = np.stack([srcs[i % len(srcs)] for i in range(n)])
+            else:
+                stack = np.stack([_mosaic(srcs, shape, i) for i in range(n)])
+            store = str(tmp / f"{label}.zarr")
+            z = zarr.open_array(store, mode="w", shape=stack.shape, chunks=(1, *shape), dtype="f4")
+            z[:] = stack
+            names = [f"{label}_{i:03d}" for i in range(n)]
+            for w in [int(x) for x in a.workers.split(",")]:
+                r = run_one(store, w, names)
+                r.update(size=label, n_micrographs=n)
+                report["runs"].append(r)
+                rss = ", ".join(f"{m:.0f}" for m in r["peak_rss_mb_per_worker"])
+                print(f"{label}  workers={w}  {r['micrographs_per_s']:.3f} micrographs/s  (wall {r['wall_s']:.1f} s, "
+                      f"{r['picks']} picks)  peak RSS per worker {rss} MB", flush=True)
+            one = [r for r in report["runs"] if r["size"] == label and r["workers"] == 1]
+            two = [r for r in report["runs"] if r["size"] == label and r["workers"] == 2]
+            if one and two:
+                s = two[0]["micrographs_per_s"] / one[0]["micrographs_per_s"]
+                report.setdefault("scaling_1_to_2", {})[label] = s
+                print(f"{label}  scaling 1 → 2 workers: {s:.2f}×", flush=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    report["load_avg_end"] = os.getloadavg()
+    print(f"load average start {report['load_avg_start']}, end {report['load_avg_end']} on {report['cpu_count']} CPUs")
+    if a.json:
+        a.json.write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
