@@ -1082,7 +1082,7 @@ def write_refinement_outputs(out_dir, result: dict, images: np.ndarray, pixel_si
     parts = pd.DataFrame(t).copy()
     parts["rlnImageName"] = [format_image_name(i, "particles.mrcs") for i in range(len(parts))]
     parts["rlnOpticsGroup"] = 1
-    keep = [c for c in parts.columns if c.startswith("rln")]
+    keep = sorted(c for c in parts.columns if c.startswith("rln"))  # deterministic column order
     opt = optics_table or {}
     optics = {"rlnOpticsGroup": np.array([1]), "rlnOpticsGroupName": np.array(["opticsGroup1"]),
               "rlnVoltage": np.array([float(opt.get("voltage", 300.0))]),

@@ -69,12 +69,16 @@ def _zarr_arrays(store: Path) -> dict[str, np.ndarray]:
 
 
 def _stage_results(out: Path) -> dict[str, dict]:
-    """Per-stage results from the completion records (timings dropped)."""
-    res = {}
-    for rec in sorted((out / "stages").glob("*.json")):
-        r = json.loads(rec.read_text())
-        res[rec.stem] = {k: v for k, v in r["result"].items() if "second" not in k and "time" not in k}
-    return res
+    """Per-stage results from the completion records (timings dropped, paths relative to ``out``)."""
+    def drop_timings(v):  # and the output folder's own path, which differs between the two runs
+        if isinstance(v, dict):
+            return {k: drop_timings(x) for k, x in v.items() if "second" not in k and "time" not in k}
+        if isinstance(v, list):
+            return [drop_timings(x) for x in v]
+        return v.replace(str(out), "OUT") if isinstance(v, str) else v
+
+    return {rec.stem: drop_timings(json.loads(rec.read_text())["result"])
+            for rec in sorted((out / "stages").glob("*.json"))}
 
 
 def _other_outputs(out: Path) -> dict[str, object]:
