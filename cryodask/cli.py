@@ -191,6 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
     from . import cli_stages
 
     cli_stages.register(sub, _add_cluster_args)
+    from . import cli_pick
+
+    cli_pick.register(sub, _add_cluster_args)
     return p
 
 

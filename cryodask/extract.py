@@ -19,7 +19,8 @@ import xarray as xr
 
 from .model import PARTICLE_CHUNK, particle_dataset, provenance
 
-__all__ = ["box_size", "edge_mask", "extract_boxes", "normalise_boxes", "extract_graph"]
+__all__ = ["box_size", "edge_mask", "extract_boxes", "normalise_boxes", "resize_boxes", "extract_graph",
+           "extract_with_preprocessed"]
 
 
 def box_size(diameter_px: float, factor: float = 1.5, multiple: int = 2) -> int:
@@ -132,6 +133,50 @@ def extract_graph(micrographs: xr.Dataset, picks: pd.DataFrame, box: int, *, inv
         ds[n] = (("particle", "y", "x"), arr)
     if len(unknown):
         dropped.attrs["unknown_micrographs"] = sorted({str(s) for s in unknown["rlnMicrographName"]})
+    return ds, dropped
+
+
+def resize_boxes(boxes: np.ndarray, box: int) -> np.ndarray:
+    """Resample (k, m, m) boxes to (k, ``box``, ``box``) (bilinear, torch), float32."""
+    import torch
+
+    t = torch.from_numpy(np.ascontiguousarray(boxes, np.float32))[:, None]
+    if t.shape[0] == 0:
+        return np.zeros((0, box, box), np.float32)
+    return torch.nn.functional.interpolate(t, size=(box, box), mode="bilinear", align_corners=False)[:, 0].numpy()
+
+
+def extract_with_preprocessed(micrographs: xr.Dataset, preprocessed: da.Array, binning: float, picks: pd.DataFrame,
+                              box: int, *, invert: bool = True, edge: str = "drop",
+                              chunk: int = PARTICLE_CHUNK) -> tuple[xr.Dataset, pd.DataFrame]:
+    """Every particle from the original *and* the preprocessed micrograph (the method keeps both).
+
+    ``micrographs``: Dataset with ``image`` ``(micrograph, y, x)``; ``preprocessed``: dask array
+    ``(micrograph, y', x')`` of the same micrographs downsampled by ``binning`` (one chunk per
+    micrograph, e.g. :func:`cryodask.preprocess.preprocess_graph`); ``picks``: as
+    :func:`extract_graph` (px of the original micrograph). The original boxes are
+    :func:`extract_graph`'s; the preprocessed version of each kept particle is cut around the
+    same centre at the picking scale (``u' = (u + 0.5)/s − 0.5`` with ``s`` = original/downsampled
+    size, box ``box/binning`` rounded to even, padded at the edge), normalised the same way and
+    resampled to ``box`` px, so both stacks share pixel size and centre.
+    Returns ``(dataset with variables image and preprocessed, dropped edge particles)``.
+    """
+    ds, dropped = extract_graph(micrographs, picks, box, invert=invert, edge=edge, chunk=chunk)
+    ny, nx = micrographs["image"].shape[1:]
+    py, px = preprocessed.shape[1:]
+    sx, sy = nx / px, ny / py
+    kept = pd.DataFrame({"rlnMicrographName": ds["rlnMicrographName"].values.astype(object),
+                         "rlnCoordinateX": (ds["rlnCoordinateX"].values + 0.5) / sx - 0.5,
+                         "rlnCoordinateY": (ds["rlnCoordinateY"].values + 0.5) / sy - 0.5})
+    pre_mics = xr.Dataset({"image": (("micrograph", "y", "x"), preprocessed)},
+                          coords={"micrograph": micrographs["micrograph"].values})
+    small = max(8, int(round(box / float(binning) / 2)) * 2)
+    pre_ds, _ = extract_graph(pre_mics, kept, small, invert=invert, edge="pad", chunk=chunk)
+    arr = pre_ds["image"].data
+    ds["preprocessed"] = (("particle", "y", "x"), arr.map_blocks(resize_boxes, box, dtype=np.float32,
+                                                                  chunks=(arr.chunks[0], (box,), (box,))))
+    ds.attrs["box"] = int(box)
+    ds.attrs["preprocessed_binning"] = float(binning)
     return ds, dropped
 
 

@@ -70,6 +70,8 @@ __all__ = [
     "pick_graph",
     "accepted_picks",
     "evaluate_picks",
+    "picks_table",
+    "write_picks",
 ]
 
 #: Columns of every picker's output table.
@@ -808,3 +810,69 @@ def evaluate_picks(picks: Mapping[str, np.ndarray], truth: Mapping[str, np.ndarr
     out["per_micrograph"] = per
     out["ignored"] = sorted(set(picks) - set(truth))
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# output files
+# --------------------------------------------------------------------------------------------
+
+
+def picks_table(frames: Mapping[str, pd.DataFrame], paths: Mapping[str, str] | None = None) -> pd.DataFrame:
+    """One RELION particle table from per-micrograph pick tables (columns :data:`PICK_COLUMNS`).
+
+    Columns: ``rlnMicrographName`` (``paths[name]``, else the name), ``rlnCoordinateX/Y`` (px of
+    the input micrograph), ``rlnAutopickFigureOfMerit`` (the score), ``rlnClassNumber`` (1 =
+    top, 2 = side: RELION's integer class label for the view) and ``cdViewClass`` (the view
+    as text).
+    """
+    rows = []
+    for name, df in frames.items():
+        view = df["view"].astype(str).to_numpy(object)
+        rows.append(pd.DataFrame({
+            "rlnMicrographName": np.full(len(df), str((paths or {}).get(name, name)), dtype=object),
+            "rlnCoordinateX": df["x"].to_numpy(float), "rlnCoordinateY": df["y"].to_numpy(float),
+            "rlnAutopickFigureOfMerit": df["score"].to_numpy(float),
+            "rlnClassNumber": np.where(view == "side", 2, 1).astype(np.int64), "cdViewClass": view}))
+    if not rows:
+        return pd.DataFrame({c: pd.Series(dtype=t) for c, t in (
+            ("rlnMicrographName", object), ("rlnCoordinateX", float), ("rlnCoordinateY", float),
+            ("rlnAutopickFigureOfMerit", float), ("rlnClassNumber", np.int64), ("cdViewClass", object))})
+    return pd.concat(rows, ignore_index=True)
+
+
+def write_picks(out_dir, frames: Mapping[str, pd.DataFrame], attrs: Mapping, paths: Mapping[str, str] | None = None,
+                ) -> tuple[pd.DataFrame, list[str]]:
+    """Write ``out_dir/particles.star`` (RELION 3.1: optics table + particles, see
+    :func:`picks_table`) and one coordinate STAR per micrograph, ``out_dir/coordinates/NAME.star``
+    (``rlnCoordinateX/Y``, ``rlnAutopickFigureOfMerit``, ``rlnClassNumber``).
+
+    A micrograph without picks gets no coordinate file (a coordinate loop with no rows is not a
+    readable table for several STAR readers, among them ``shared/checks/pick_f1.py``); its name
+    is returned. ``attrs`` supplies the optics values (``pixel_size`` Å/px, ``voltage`` kV,
+    ``cs`` mm, ``amplitude_contrast``). Returns ``(table, names_without_picks)``.
+    """
+    from pathlib import Path
+
+    from .io.star import write_coordinates, write_particles
+    from .model import particle_dataset
+
+    out = Path(out_dir)
+    coords = out / "coordinates"
+    coords.mkdir(parents=True, exist_ok=True)
+    empty = []
+    for name, df in frames.items():
+        target = coords / f"{name}.star"
+        if len(df) == 0:
+            target.unlink(missing_ok=True)  # a stale file from an earlier run would be read as picks
+            empty.append(name)
+            continue
+        write_coordinates(target, df["x"].to_numpy(float), df["y"].to_numpy(float),
+                          extra={"rlnAutopickFigureOfMerit": df["score"].to_numpy(float),
+                                 "rlnClassNumber": np.where(df["view"].astype(str) == "side", 2, 1).astype(np.int64)})
+    table = picks_table(frames, paths)
+    keep = {k: v for k, v in attrs.items() if k in ("pixel_size", "voltage", "cs", "amplitude_contrast")}
+    ds = particle_dataset(None, table, keep)
+    if "pixel_size" in keep:
+        ds["rlnMicrographPixelSize"] = ("optics", [float(keep["pixel_size"])])
+    write_particles(out / "particles.star", ds)
+    return table, empty
