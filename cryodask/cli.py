@@ -141,7 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--snr", type=float, default=0.1, help="signal variance / noise variance over the particle box")
-    s.add_argument("--views", choices=["all", "top", "side"], default="all")
+    s.add_argument("--views", choices=["all", "top", "side", "both"], default="all",
+                   help="all: uniform orientations; top / side: end-on / side-on views of the volume's z "
+                        "axis (±6°); both: 40%% top and 60%% side views (KLH-like)")
     s.add_argument("--pixel-size", type=float, default=None, help="Å/px (default: per phantom, or the map header)")
     s.add_argument("--micrograph-size", type=int, default=1024, help="px (square)")
     s.add_argument("--box", type=int, default=None, help="particle box, px (default ~1.6× the diameter)")

@@ -99,19 +99,27 @@ def sample_poses(n: int, rng: np.random.Generator, views: str = "all", spread_de
 
     ``all``: uniform on SO(3). ``top``: viewing direction within ``spread_deg`` of the volume's
     ±z axis (a cylinder seen end-on: a ring). ``side``: viewing direction within ``spread_deg``
-    of the xy plane (a cylinder seen from the side: a rectangle). In-plane angle always uniform.
+    of the xy plane (a cylinder seen from the side: a rectangle). ``both``: each particle a top
+    view (probability 0.4) or a side view, as in KLH datasets with their two preferred
+    orientations. In-plane angle always uniform.
     """
     if views == "all":
         return random_rotations(n, rng)
+    if views not in ("top", "side", "both"):
+        raise ValueError(f"views must be all, top, side or both, not {views!r}")
     rot = rng.uniform(-180, 180, n)
     psi = rng.uniform(-180, 180, n)
     dev = rng.uniform(0, spread_deg, n)
+    if views in ("top", "both"):
+        top_tilt = np.where(rng.random(n) < 0.5, dev, 180.0 - dev)
+    if views in ("side", "both"):
+        side_tilt = 90.0 + rng.uniform(-spread_deg, spread_deg, n)
     if views == "top":
-        tilt = np.where(rng.random(n) < 0.5, dev, 180.0 - dev)
+        tilt = top_tilt
     elif views == "side":
-        tilt = 90.0 + rng.uniform(-spread_deg, spread_deg, n)
+        tilt = side_tilt
     else:
-        raise ValueError(f"views must be all, top or side, not {views!r}")
+        tilt = np.where(rng.random(n) < 0.4, top_tilt, side_tilt)
     return euler_to_matrix(rot, tilt, psi)
 
 
@@ -150,7 +158,7 @@ def simulate_particles(
     volume : (N, N, N) float32 density (protein positive).
     n : number of particles.
     pixel_size : Å/px.
-    views : 'all', 'top' or 'side' (see :func:`sample_poses`).
+    views : 'all', 'top', 'side' or 'both' (see :func:`sample_poses`).
     snr : signal-to-noise ratio over the box (None: no noise).
     max_shift_px : origins uniform in ±max_shift_px on each axis (RELION sign).
 
