@@ -65,6 +65,11 @@ __all__ = [
     "rectangle_support",
     "object_shapes",
     "classify_view",
+    "darkness_map",
+    "dataset_gate",
+    "view_features",
+    "classify_views",
+    "dataset_views",
     "to_original",
     "pick_ibc",
     "pick_graph",
@@ -488,6 +493,42 @@ def _ring_coverage(mask: np.ndarray, centres: np.ndarray, r_in: float, r_out: fl
     return np.clip(frac / np.maximum(norm, 1e-6), 0.0, 1.0)[c[:, 0], c[:, 1]]
 
 
+def darkness_map(img: np.ndarray, diameter_px: float) -> np.ndarray:
+    """Darkness of a particle-sized disc around every pixel: the mean of ``−img`` over a disc
+    of radius 0.4·``diameter_px`` px, in robust z units of the micrograph (minus the median,
+    over 1.4826·MAD of the disc means). Shape of ``img``; particles score 1–3, background ≈ 0."""
+    k = _disk(0.4 * diameter_px).astype(np.float32)
+    z = -cv2.filter2D(np.asarray(img, np.float32), -1, k / k.sum(), borderType=cv2.BORDER_REFLECT)
+    med = float(np.median(z))
+    mad = 1.4826 * float(np.median(np.abs(z - med))) or 1.0
+    return (z - med) / mad
+
+
+def dataset_gate(candidates: Sequence[pd.DataFrame], min_fraction: float = 0.75) -> list[pd.DataFrame]:
+    """Dataset-level empty-micrograph gate over the candidate tables of all micrographs
+    (``pick_ibc(..., return_candidates=True)``; the reduction of the picking graph).
+
+    A micrograph's *reference strength* (mean edge strength of its five strongest circles,
+    units of its gradient scale) is compared with the median over the dataset: a micrograph
+    below ``min_fraction`` of it holds nothing particle-like that the others have (empty ice,
+    noise) and all its candidates are rejected (``accepted=False``, ``empty=True``). The
+    per-micrograph ``empty_gate`` cannot do this alone: faint particles at low SNR can be as
+    weak as empty real ice. Returns new tables, in order.
+    """
+    refs = np.array([float(c["reference_strength"].iloc[0]) if len(c) and "reference_strength" in c else np.nan
+                     for c in candidates])
+    ok = np.isfinite(refs) & (refs > 0)
+    if not ok.any():
+        return list(candidates)
+    med = float(np.median(refs[ok]))
+    out = []
+    for c, r in zip(candidates, refs):
+        if len(c) and np.isfinite(r) and r < min_fraction * med:
+            c = c.assign(accepted=False, empty=True)
+        out.append(c)
+    return out
+
+
 def to_original(rows: np.ndarray, cols: np.ndarray, scale_y: float, scale_x: float) -> tuple[np.ndarray, np.ndarray]:
     """Map pixel-centre coordinates of an image downsampled by ``scale`` back to the
     original: ``u_orig = (u + 0.5)·scale − 0.5`` (x from columns, y from rows)."""
@@ -516,8 +557,10 @@ def pick_ibc(
     hough_on: str = "image",
     noise_factor: float = 2.5,
     min_relative_strength: float = 0.25,
-    empty_gate: float = 0.9,
+    empty_gate: float = 0.5,
     min_coverage: float = 0.0,
+    min_strength: float = 0.2,
+    min_darkness: float = 1.0,
     return_candidates: bool = False,
 ) -> pd.DataFrame:
     """Pick particles in one preprocessed micrograph by intensity-based clustering.
@@ -544,9 +587,16 @@ def pick_ibc(
     noise_factor : floor of the gradient scale, × median gradient magnitude (see
         :func:`gradient_field`).
     min_relative_strength : minimum edge strength of a pick relative to the mean of the five
-        strongest circles of the micrograph.
+        strongest circles of the micrograph — unless its ``darkness`` (see
+        :func:`darkness_map`) is at least ``min_darkness``: a faint but massive particle
+        (e.g. a side view next to much sharper top views) is kept.
     empty_gate : if that mean is below this (units of the gradient scale) the micrograph is
-        taken to be empty and nothing is picked.
+        taken to be empty and nothing is picked (pure noise: 0.3–0.4; the dataset-level
+        :func:`dataset_gate` also drops micrographs far weaker than the others).
+    min_strength : minimum mean outward gradient on the outline (units of the gradient scale;
+        noise circles: median 0.12, 90th percentile 0.25).
+    min_darkness : darkness (robust z units) that lets a pick pass without
+        ``min_relative_strength``.
     min_coverage : minimum fraction of the particle's outer half (0.25–0.5 diameter) covered
         by the IBC mask (default 0: off; on real close-packed data the global mask misses too
         many particles to be a reliable filter).
@@ -600,8 +650,13 @@ def pick_ibc(
     ref = float(np.sort(strength[ok_ref])[-5:].mean()) if ok_ref.any() else 0.0
     empty = ref < empty_gate
     rel = strength / ref if ref > 0 else np.zeros_like(strength)
+    # Mass: faint particles whose outline is weak next to the strongest ones (side views of a
+    # hollow cylinder beside its ring-shaped top views) are still dark blobs of the particle's
+    # size; `darkness` is the disc-averaged darkness in robust z units of the micrograph.
+    dark = darkness_map(img, d)[pk[:, 0], pk[:, 1]] if len(pk) else np.zeros(0)
     acc = ((sup >= threshold) & (bdist >= border) & ~cont & (cover >= min_coverage)
-           & (rel >= min_relative_strength) & (not empty))
+           & (strength >= min_strength) & ((rel >= min_relative_strength) | (dark >= min_darkness))
+           & (not empty))
     rows, cols = pk[:, 0].astype(float), pk[:, 1].astype(float)
     views = np.array(["top"] * len(pk), dtype=object)
     scores = sup.copy()
@@ -663,11 +718,161 @@ def pick_ibc(
         radius = np.r_[rad, np.full(len(rows) - len(rad), np.nan)] / d
         strength = np.r_[strength, np.full(len(rows) - len(rad), np.nan)]
         rel_all = np.r_[rel, np.ones(len(rows) - len(rel))]
+        dark_all = np.r_[dark, np.full(len(rows) - len(dark), np.nan)]
         df = df.assign(row=rows, col=cols, border_dist=bdist, contaminated=cont, coverage=cover, radius=radius,
-                       strength=strength, relative_strength=rel_all, empty=bool(empty), accepted=acc)
+                       strength=strength, relative_strength=rel_all, darkness=dark_all,
+                       reference_strength=ref, empty=bool(empty), accepted=acc)
         return df.sort_values("score", ascending=False, kind="stable").reset_index(drop=True)
     df = df.assign(accepted=acc).sort_values("score", ascending=False, kind="stable")
     return accepted_picks(df)
+
+
+# --------------------------------------------------------------------------------------------
+# 7. view classes over the whole dataset (many particles at once)
+# --------------------------------------------------------------------------------------------
+
+#: Radial bins and angular harmonics of the rotation-invariant view descriptors.
+VIEW_RADII, VIEW_HARMONICS = 12, 8
+
+
+def view_features(img: np.ndarray, centres: np.ndarray, diameter_px: float) -> np.ndarray:
+    """Rotation-invariant descriptors of the particle image around each centre.
+
+    ``img``: (ny, nx) micrograph, protein dark (the preprocessed picking image); ``centres``:
+    (k, 2) (row, col) px; ``diameter_px``: particle diameter in px of ``img``. The image is
+    low-passed (Gaussian σ = diameter/27 px), normalised (protein bright) and sampled on a polar
+    grid of :data:`VIEW_RADII` radii up to 0.6·diameter × 64 angles around each centre. With
+    ``c_n(r)`` the angular Fourier coefficients, the descriptors are the radial profile
+    ``c_0(r)`` and, for every harmonic ``n = 1…`` :data:`VIEW_HARMONICS`, the invariants
+    ``Re c_n(r₁)·c_n(r₂)*`` for all radius pairs r₁ ≤ r₂ — unchanged by in-plane rotation.
+    Returns float32 (k, 12 + 8·78). A ring (top view) has little energy in ``n ≥ 1``; a
+    rectangle (side view) much, mostly in n = 2 and 4.
+    """
+    centres = np.asarray(centres, float).reshape(-1, 2)
+    nr, nh, nth = VIEW_RADII, VIEW_HARMONICS, 64
+    iu = np.triu_indices(nr)
+    out = np.zeros((len(centres), nr + nh * len(iu[0])), np.float32)
+    if len(centres) == 0:
+        return out
+    s = ndi.gaussian_filter(np.asarray(img, np.float32), max(0.5, diameter_px / 27.0))
+    s = -(s - float(s.mean())) / (float(s.std()) or 1.0)
+    rs = (np.arange(nr) + 0.5) * 0.6 * diameter_px / nr
+    th = np.linspace(0, 2 * np.pi, nth, endpoint=False)
+    ys = centres[:, 0, None, None] + rs[None, :, None] * np.sin(th)[None, None]
+    xs = centres[:, 1, None, None] + rs[None, :, None] * np.cos(th)[None, None]
+    p = ndi.map_coordinates(s, [ys, xs], order=1, mode="reflect")
+    p -= p.mean((1, 2), keepdims=True)
+    c = np.fft.rfft(p, axis=2) / nth
+    inv = [c[:, :, 0].real] + [(c[:, :, n, None] * np.conj(c[:, None, :, n])).real[:, iu[0], iu[1]]
+                               for n in range(1, nh + 1)]
+    out[:] = np.concatenate(inv, 1)
+    return out
+
+
+def _asymmetry(features: np.ndarray) -> np.ndarray:
+    """log(energy in angular harmonics n ≥ 1 / energy of the radial profile) per particle."""
+    nr = VIEW_RADII
+    diag = np.nonzero(np.triu_indices(nr)[0] == np.triu_indices(nr)[1])[0]
+    e0 = (features[:, :nr].astype(np.float64) ** 2).sum(1)
+    en = sum(features[:, nr + k * len(np.triu_indices(nr)[0]) + diag].astype(np.float64).sum(1)
+             for k in range(VIEW_HARMONICS))
+    return np.log((en + 1e-12) / (e0 + 1e-12))
+
+
+def _gmm_1d(s: np.ndarray, n_iter: int = 200):
+    """Two-component 1-D Gaussian mixture: (responsibility of the upper component, means, sds, weights)."""
+    mu = np.percentile(s, [25, 75]).astype(float)
+    sd = np.full(2, s.std() / 2 + 1e-12)
+    pi = np.array([0.5, 0.5])
+    for _ in range(n_iter):
+        lik = pi / sd * np.exp(-0.5 * ((s[:, None] - mu) / sd) ** 2) + 1e-300
+        r = lik / lik.sum(1, keepdims=True)
+        nk = r.sum(0) + 1e-12
+        mu = (r * s[:, None]).sum(0) / nk
+        sd = np.maximum(np.sqrt((r * (s[:, None] - mu) ** 2).sum(0) / nk), 1e-6 * (s.std() + 1e-12))
+        pi = nk / nk.sum()
+    up = int(np.argmax(mu))
+    return r[:, up], mu[[1 - up, up]], sd[[1 - up, up]], pi[[1 - up, up]]
+
+
+def classify_views(features: Sequence[np.ndarray], n_iter: int = 5) -> list[np.ndarray]:
+    """Dataset-level view classes of all picks (the reduction over micrographs).
+
+    ``features``: per micrograph, the (k_i, m) :func:`view_features` of its picks. Returns per
+    micrograph a (k_i,) object array of ``"top"`` (round) / ``"side"`` (square/rectangular).
+
+    1. The *asymmetry* (log energy in angular harmonics n ≥ 1 over the radial profile's) of all
+       picks is modelled by a two-component Gaussian mixture.
+    2. Single mode → one class for every pick: when the two components are not separated
+       (Ashman's D < :data:`VIEW_MIN_SEPARATION` or the minor weight < 5 %), the dataset has one
+       view, ``top`` (round) unless its median asymmetry is above :data:`VIEW_SIDE_ASYMMETRY`.
+    3. Otherwise the mixture's labels seed a self-trained linear discriminant on all the
+       descriptors (ridge-regularised Fisher LDA, standardised features); the discriminant's
+       scores are split again by a two-component mixture, ``n_iter`` times.
+    """
+    sizes = [len(f) for f in features]
+    if sum(sizes) == 0:
+        return [np.zeros(0, object) for _ in sizes]
+    X = np.concatenate([np.asarray(f, np.float64).reshape(n, -1) for f, n in zip(features, sizes) if n])
+    a = _asymmetry(X)
+    lab = np.full(len(X), "top", object)
+    one_mode = True
+    if len(X) >= 20:
+        r, mu, sd, pi = _gmm_1d(a)
+        sep = abs(mu[1] - mu[0]) * np.sqrt(2.0 / (sd[0] ** 2 + sd[1] ** 2))
+        one_mode = sep < VIEW_MIN_SEPARATION or pi.min() < 0.05
+    if one_mode:
+        if np.median(a) > VIEW_SIDE_ASYMMETRY:
+            lab[:] = "side"
+    else:
+        y = r > 0.5
+        Z = (X - X.mean(0)) / (X.std(0) + 1e-12)
+        for _ in range(n_iter):
+            if y.all() or not y.any():
+                break
+            m0, m1 = Z[~y].mean(0), Z[y].mean(0)
+            sw = np.cov(Z[~y].T) if (~y).sum() > 1 else 0.0
+            sw = sw + (np.cov(Z[y].T) if y.sum() > 1 else 0.0) + np.eye(Z.shape[1])
+            s = Z @ np.linalg.solve(sw, m1 - m0)
+            y = _gmm_1d(s)[0] > 0.5
+        lab[y] = "side"
+    return list(np.split(lab, np.cumsum(sizes)[:-1]))
+
+
+#: Fewest picks in a dataset for the dataset-level view classes.
+VIEW_MIN_PICKS = 20
+#: Ashman's D below which the asymmetry mixture counts as one mode (one view in the dataset).
+VIEW_MIN_SEPARATION = 2.0
+#: Median asymmetry above which a single-mode dataset is all side views.
+VIEW_SIDE_ASYMMETRY = 0.0
+
+
+def _view_features_block(block, candidates, pixel_size, diameter, original_shape):
+    img = np.asarray(block)[0]
+    c = candidates[candidates["accepted"].to_numpy(bool)] if len(candidates) else candidates
+    sy, sx = original_shape[0] / img.shape[0], original_shape[1] / img.shape[1]
+    d = float(diameter) / float(pixel_size) / float(np.sqrt(sy * sx))
+    return view_features(img, c[["row", "col"]].to_numpy(float) if len(c) else np.zeros((0, 2)), d)
+
+
+def dataset_views(candidates: Sequence[pd.DataFrame], features: Sequence[np.ndarray]) -> list[pd.DataFrame]:
+    """Replace the ``view`` of the accepted candidates of every micrograph by the dataset-level
+    classes of :func:`classify_views` (``features``: per micrograph the :func:`view_features`
+    of its accepted candidates, in table order). With fewer than :data:`VIEW_MIN_PICKS` picks in
+    the dataset the per-micrograph, shape-based views of :func:`pick_ibc` are kept. Returns new
+    tables, in order."""
+    if sum(len(f) for f in features) < VIEW_MIN_PICKS:
+        return list(candidates)  # too few picks for a dataset-level model: keep the shape-based views
+    labels = classify_views(features)
+    out = []
+    for c, lab in zip(candidates, labels):
+        if len(c) and len(lab):
+            c = c.copy()
+            view = c["view"].to_numpy(object).copy()
+            view[c["accepted"].to_numpy(bool)] = lab
+            c["view"] = view
+        out.append(c)
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -712,10 +917,16 @@ def pick_graph(micrographs, names: Sequence[str], pixel_size: float, diameter: f
     blocks = pre.to_delayed().ravel()
     kw = dict(pick_params or {})
     kw.pop("return_candidates", None)
-    cands, out = {}, {}
-    for name, blk in zip(names, blocks):
-        cands[name] = dask.delayed(_candidates_block, pure=True)(blk, pixel_size, diameter, (ny, nx), kw,
-                                                                  dask_key_name=f"ibc-candidates-{name}")
+    raw = [dask.delayed(_candidates_block, pure=True)(blk, pixel_size, diameter, (ny, nx), kw,
+                                                       dask_key_name=f"ibc-candidates-{name}")
+           for name, blk in zip(names, blocks)]
+    gated = dask.delayed(dataset_gate, pure=True, nout=len(names))(raw, dask_key_name="ibc-dataset-gate")
+    feats = [dask.delayed(_view_features_block, pure=True)(blk, gated[i], pixel_size, diameter, (ny, nx),
+                                                          dask_key_name=f"view-features-{name}")
+             for i, (name, blk) in enumerate(zip(names, blocks))]
+    viewed = dask.delayed(dataset_views, pure=True, nout=len(names))([gated[i] for i in range(len(names))], feats,
+                                                                      dask_key_name="ibc-dataset-views")
+    cands = {name: viewed[i] for i, name in enumerate(names)}
     if method == "ibc":
         return {name: dask.delayed(accepted_picks, pure=True)(cands[name], dask_key_name=f"pick-ibc-{name}")
                 for name in names}
