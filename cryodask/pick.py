@@ -554,6 +554,11 @@ def pick_ibc(
     border: float = 0.0,
     radius_range: tuple[float, float] = (0.38, 0.6),
     side_views: bool = True,
+    side_peaks: bool = True,
+    side_boxes: bool = True,
+    peak_darkness: float = 1.3,
+    peak_separation: float = 0.85,
+    peak_support: float = 0.4,
     hough_on: str = "image",
     noise_factor: float = 2.5,
     min_relative_strength: float = 0.25,
@@ -685,7 +690,7 @@ def pick_ibc(
             taken = set(labels[pk[acc, 0], pk[acc, 1]].tolist()) if acc.any() else set()
             extra = []
             for _, s in shapes.iterrows():
-                if s["label"] in taken or not (0.25 * area_p <= s["area"] <= 1.6 * area_p):
+                if not side_boxes or s["label"] in taken or not (0.25 * area_p <= s["area"] <= 1.6 * area_p):
                     continue
                 if s["rect_w"] > 1.3 * d or s["rect_support"] < threshold or empty:
                     continue
@@ -711,17 +716,45 @@ def pick_ibc(
                 cont = np.r_[cont, np.zeros(len(e), bool)]
                 acc = np.r_[acc, np.ones(len(e), bool)]
 
+    route = np.array(["circle"] * len(pk) + ["box"] * (len(rows) - len(pk)), dtype=object)
+    nb = len(rows) - len(pk)  # box rows: no circle measurements
+    cover, rel = np.r_[cover, np.ones(nb)], np.r_[rel, np.ones(nb)]
+    rad, strength, dark = (np.r_[a, np.full(nb, np.nan)] for a in (rad, strength, dark))
+    if side_views and side_peaks and not empty:
+        # Candidate side views from the darkness map: dark particle-sized blobs with no pick
+        # nearby. Their outline is weak, so they are not accepted here; the dataset-level view
+        # step (:func:`dataset_views`) accepts them when the dataset holds side views at all.
+        dmap = darkness_map(img, d)
+        pk2 = nms_peaks(dmap, min_distance * d, peak_darkness)
+        if len(pk2):
+            keep = ~contam[pk2[:, 0], pk2[:, 1]]
+            # kept apart from the picks that survive the dataset-level gate of dataset_views
+            firm = acc & ((route != "circle") | (rel >= VIEW_MIN_RELATIVE_STRENGTH) | (dark >= VIEW_MIN_DARKNESS))
+            if firm.any():
+                keep &= cdist(pk2.astype(float), np.c_[rows[firm], cols[firm]]).min(1) >= peak_separation * d
+            pk2 = pk2[keep]
+        if len(pk2):
+            s2, r2, st2 = circle_support(gy, gx, gs, pk2, radii, return_strength=True)
+            keep = s2 >= peak_support
+            pk2, s2, r2, st2 = pk2[keep], s2[keep], r2[keep], st2[keep]
+            n2 = len(pk2)
+            rows, cols = np.r_[rows, pk2[:, 0]], np.r_[cols, pk2[:, 1]]
+            scores = np.r_[scores, s2]
+            views = np.r_[views, np.array(["side"] * n2, dtype=object)]
+            route = np.r_[route, np.array(["darkness"] * n2, dtype=object)]
+            bdist = np.r_[bdist, np.minimum.reduce([pk2[:, 0], pk2[:, 1], ny - 1 - pk2[:, 0], nx - 1 - pk2[:, 1]]) / d]
+            cont = np.r_[cont, np.zeros(n2, bool)]
+            acc = np.r_[acc, np.zeros(n2, bool)]
+            cover = np.r_[cover, _ring_coverage(mask, pk2, 0.25 * d, 0.5 * d)]
+            rad, strength = np.r_[rad, r2], np.r_[strength, st2]
+            rel = np.r_[rel, st2 / ref if ref > 0 else np.zeros(n2)]
+            dark = np.r_[dark, dmap[pk2[:, 0], pk2[:, 1]]]
     x, y = to_original(rows, cols, sy, sx)
     df = pd.DataFrame({"x": x, "y": y, "score": scores.astype(float), "view": views})
     if return_candidates:
-        cover = np.r_[cover, np.ones(len(rows) - len(cover))]
-        radius = np.r_[rad, np.full(len(rows) - len(rad), np.nan)] / d
-        strength = np.r_[strength, np.full(len(rows) - len(rad), np.nan)]
-        rel_all = np.r_[rel, np.ones(len(rows) - len(rel))]
-        dark_all = np.r_[dark, np.full(len(rows) - len(dark), np.nan)]
-        df = df.assign(row=rows, col=cols, border_dist=bdist, contaminated=cont, coverage=cover, radius=radius,
-                       strength=strength, relative_strength=rel_all, darkness=dark_all,
-                       reference_strength=ref, empty=bool(empty), accepted=acc)
+        df = df.assign(row=rows, col=cols, border_dist=bdist, contaminated=cont, coverage=cover, radius=rad / d,
+                       strength=strength, relative_strength=rel, darkness=dark,
+                       reference_strength=ref, empty=bool(empty), route=route, accepted=acc)
         return df.sort_values("score", ascending=False, kind="stable").reset_index(drop=True)
     df = df.assign(accepted=acc).sort_values("score", ascending=False, kind="stable")
     return accepted_picks(df)
@@ -845,11 +878,28 @@ VIEW_MIN_PICKS = 20
 VIEW_MIN_SEPARATION = 2.0
 #: Median asymmetry above which a single-mode dataset is all side views.
 VIEW_SIDE_ASYMMETRY = 0.0
+#: Fraction of side views among the accepted picks above which a dataset "has side views" and
+#: the darkness-map side candidates of :func:`pick_ibc` are accepted.
+VIEW_MIN_SIDE_FRACTION = 0.1
+#: In a dataset with side views, a circle pick needs this relative edge strength or
+#: :data:`VIEW_MIN_DARKNESS` (robust z units) darkness.
+VIEW_MIN_RELATIVE_STRENGTH, VIEW_MIN_DARKNESS = 0.4, 1.5
+
+
+def _view_rows(candidates: pd.DataFrame) -> np.ndarray:
+    """Rows of a candidate table that take part in the dataset-level views: the accepted picks
+    and the darkness-map side candidates of non-empty micrographs."""
+    if not len(candidates):
+        return np.zeros(0, bool)
+    sel = candidates["accepted"].to_numpy(bool)
+    if "route" in candidates:
+        sel = sel | ((candidates["route"].to_numpy(object) == "darkness") & ~candidates["empty"].to_numpy(bool))
+    return sel
 
 
 def _view_features_block(block, candidates, pixel_size, diameter, original_shape):
     img = np.asarray(block)[0]
-    c = candidates[candidates["accepted"].to_numpy(bool)] if len(candidates) else candidates
+    c = candidates[_view_rows(candidates)] if len(candidates) else candidates
     sy, sx = original_shape[0] / img.shape[0], original_shape[1] / img.shape[1]
     d = float(diameter) / float(pixel_size) / float(np.sqrt(sy * sx))
     return view_features(img, c[["row", "col"]].to_numpy(float) if len(c) else np.zeros((0, 2)), d)
@@ -861,17 +911,45 @@ def dataset_views(candidates: Sequence[pd.DataFrame], features: Sequence[np.ndar
     of its accepted candidates, in table order). With fewer than :data:`VIEW_MIN_PICKS` picks in
     the dataset the per-micrograph, shape-based views of :func:`pick_ibc` are kept. Returns new
     tables, in order."""
-    if sum(len(f) for f in features) < VIEW_MIN_PICKS:
+    sel = [_view_rows(c) for c in candidates]
+    acc = [c["accepted"].to_numpy(bool)[s] if len(c) else np.zeros(0, bool) for c, s in zip(candidates, sel)]
+    feats = [np.asarray(f)[a] for f, a in zip(features, acc)]
+    if sum(len(f) for f in feats) < VIEW_MIN_PICKS:
         return list(candidates)  # too few picks for a dataset-level model: keep the shape-based views
-    labels = classify_views(features)
+    labels = classify_views(feats)
+    n_side = sum(int((lab == "side").sum()) for lab in labels)
+    with_side = n_side >= VIEW_MIN_SIDE_FRACTION * sum(len(lab) for lab in labels)
     out = []
-    for c, lab in zip(candidates, labels):
-        if len(c) and len(lab):
+    for c, s, a, lab in zip(candidates, sel, acc, labels):
+        if len(c) and s.any():
             c = c.copy()
             view = c["view"].to_numpy(object).copy()
-            view[c["accepted"].to_numpy(bool)] = lab
-            c["view"] = view
+            accepted = c["accepted"].to_numpy(bool).copy()
+            idx = np.nonzero(s)[0]
+            view[idx[a]] = lab
+            if with_side:
+                # darkness-map candidates are side views of a dataset that has them
+                view[idx[~a]] = "side"
+                accepted[idx[~a]] = True
+                # with two views, the reference strength is set by the sharp outline of one of
+                # them: a circle pick must then be both fairly strong or clearly dark (weak,
+                # pale circles sit between particles)
+                if {"relative_strength", "darkness", "route"} <= set(c.columns):
+                    weak = ((c["route"].to_numpy(object) == "circle")
+                            & (c["relative_strength"].to_numpy(float) < VIEW_MIN_RELATIVE_STRENGTH)
+                            & ~(c["darkness"].to_numpy(float) >= VIEW_MIN_DARKNESS))
+                    accepted &= ~weak
+            c["view"], c["accepted"] = view, accepted
         out.append(c)
+    if with_side:
+        # refit the view classes on everything accepted: the side candidates sharpen the side class
+        fin = [c["accepted"].to_numpy(bool)[s] if len(c) else np.zeros(0, bool) for c, s in zip(out, sel)]
+        labels = classify_views([np.asarray(f)[k] for f, k in zip(features, fin)])
+        for c, s, k, lab in zip(out, sel, fin, labels):
+            if len(c) and k.any():
+                view = c["view"].to_numpy(object).copy()
+                view[np.nonzero(s)[0][k]] = lab
+                c["view"] = view
     return out
 
 

@@ -493,7 +493,8 @@ def test_ibc_klh_both_views_detects_side_views_and_classifies_views():
         side_all += (tv == "side").sum()
     prec, rec = tp / n_p, tp / n_t
     f1 = 2 * prec * rec / (prec + rec)
-    # measured (seed 11): see the report; thresholds leave a margin below the measured values
-    assert side_found / side_all >= 0.6  # before the darkness gate: < 0.45 (and 0 on side-only data)
-    assert f1 >= 0.80
-    assert np.mean(right) >= 0.85
+    # measured (seed 11): P 0.922, R 0.869, F1 0.895, side-view recall 0.795, view accuracy 0.945;
+    # thresholds leave a margin below the measured values
+    assert side_found / side_all >= 0.72
+    assert f1 >= 0.86
+    assert np.mean(right) >= 0.91
