@@ -82,8 +82,11 @@ def cmd_simulate(args) -> int:
 
 
 def cmd_run(args) -> int:
+    from .collection import cmd_run_collection, is_collection
     from .pipeline import RunConfig, run_pipeline
 
+    if is_collection(args.config):  # a YAML with a 'datasets:' list
+        return cmd_run_collection(args, _cluster_config)
     cfg = RunConfig.load(args.config, overrides={
         "micrographs": args.micrographs, "pixel_size": args.pixel_size, "diameter": args.diameter,
         "symmetry": args.symmetry, "out": args.out, "seed": args.seed, "truth": args.truth,

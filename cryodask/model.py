@@ -19,6 +19,7 @@ happens when :func:`write_group` writes the result to the store.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,8 @@ import pandas as pd
 import xarray as xr
 
 from . import __version__
+
+log = logging.getLogger("cryodask")
 
 __all__ = [
     "MICROSCOPE_KEYS",
@@ -204,6 +207,7 @@ def _write_resumable(ds: xr.Dataset, encoding: dict, store: Path, group: str, re
 
         shutil.rmtree(rec_dir, ignore_errors=True)
         ds.attrs["cd_resume_key"] = key
+        ds.attrs["cd_resume_vars"] = list(lazy)
         ds.to_zarr(str(store), group=group, mode="w", consolidated=False, encoding=encoding, compute=False,
                    zarr_format=3)
     rec_dir.mkdir(parents=True, exist_ok=True)
@@ -218,11 +222,43 @@ def _write_resumable(ds: xr.Dataset, encoding: dict, store: Path, group: str, re
                 continue
             tasks.append(dask.delayed(_write_block)(blk, str(store), f"{group}/{name}", int(start), str(marker)))
     n_total = sum(ds[n].data.numblocks[0] for n in lazy)
+    what = label or f"write {group}"
+    if not meta_ok:
+        log.info("%s: writing %d chunk(s) of %s (new graph %s)", what, n_total, group, key[:12])
+    elif tasks:
+        log.info("%s: resuming: %d of %d chunk(s) of %s already committed, writing the other %d",
+                 what, n_total - len(tasks), n_total, group, len(tasks))
+    else:
+        log.info("%s: all %d chunk(s) of %s already committed, nothing to compute", what, n_total, group)
     if tasks:
-        run_compute(*tasks, label=label or f"write {group}")
-    return {"chunks_total": n_total, "chunks_written": len(tasks)}
+        run_compute(*tasks, label=what)
+    return {"chunks_total": n_total, "chunks_written": len(tasks), "resumed": bool(meta_ok)}
 
 
 def open_group(store: str | Path, group: str) -> xr.Dataset:
-    """Open ``store/group`` lazily (dask arrays, chunks as written)."""
-    return xr.open_zarr(str(store), group=group, consolidated=False, chunks={})
+    """Open ``store/group`` lazily (dask arrays, chunks as written).
+
+    A group written by :func:`write_group` with ``resume`` carries the key of the graph that
+    produced it (``cd_resume_key``); its Dask arrays are then named from that key, the store
+    path and the variable, so graphs built on it get the same names in every process. (xarray's
+    default names include the store folder's modification time, which changes whenever another
+    group is added, and a re-run after a kill would not recognise its own committed chunks.)
+    """
+    from dask.base import tokenize
+
+    ds = xr.open_zarr(str(store), group=group, consolidated=False, chunks=None)
+    key = ds.attrs.get("cd_resume_key")
+    if key is None:
+        return xr.open_zarr(str(store), group=group, consolidated=False, chunks={})
+    base = tokenize(str(Path(store).absolute()), group, key)
+    committed = set(ds.attrs.get("cd_resume_vars", []))
+    out = ds.copy()
+    for name, var in ds.variables.items():
+        if name in ds.indexes or var.ndim == 0:
+            continue
+        # the arrays committed chunk by chunk are named by the graph that wrote them; the others
+        # (small tables, flags such as ``valid`` that may be updated in place) by their content
+        tok = base if name in committed or var.ndim >= 2 else tokenize(base, np.asarray(var.values))
+        pref = var.encoding.get("preferred_chunks") or dict(zip(var.dims, var.shape))
+        out[name] = ds[[name]].chunk(pref, name_prefix=f"{group}-", token=tok)[name].variable
+    return out

@@ -995,29 +995,37 @@ def pick_graph(micrographs, names: Sequence[str], pixel_size: float, diameter: f
     blocks = pre.to_delayed().ravel()
     kw = dict(pick_params or {})
     kw.pop("return_candidates", None)
-    raw = [dask.delayed(_candidates_block, pure=True)(blk, pixel_size, diameter, (ny, nx), kw,
-                                                       dask_key_name=f"ibc-candidates-{name}")
-           for name, blk in zip(names, blocks)]
-    gated = dask.delayed(dataset_gate, pure=True, nout=len(names))(raw, dask_key_name="ibc-dataset-gate")
-    feats = [dask.delayed(_view_features_block, pure=True)(blk, gated[i], pixel_size, diameter, (ny, nx),
-                                                          dask_key_name=f"view-features-{name}")
-             for i, (name, blk) in enumerate(zip(names, blocks))]
+    # task keys carry a token of the inputs: two datasets (or two parameter sets) on one client
+    # may have micrographs with the same names
+    tok = dask.base.tokenize(pre, pixel_size, diameter, (ny, nx), kw)
+    # one task per micrograph computes its candidates *and* the view features of every row that
+    # can take part in the dataset-level views, so the dataset-wide steps below only gather small
+    # tables and no micrograph stays in memory while they wait for the others
+    both = [dask.delayed(_candidates_and_features_block, pure=True, nout=2)(
+        blk, pixel_size, diameter, (ny, nx), kw, dask_key_name=f"ibc-candidates-{name}-{tok}")
+        for name, blk in zip(names, blocks)]
+    gated = dask.delayed(dataset_gate, pure=True, nout=len(names))([b[0] for b in both],
+                                                                   dask_key_name=f"ibc-dataset-gate-{tok}")
+    feats = [dask.delayed(_select_view_features, pure=True)(b[0], b[1], gated[i],
+                                                            dask_key_name=f"view-features-{name}-{tok}")
+             for i, (name, b) in enumerate(zip(names, both))]
     viewed = dask.delayed(dataset_views, pure=True, nout=len(names))([gated[i] for i in range(len(names))], feats,
-                                                                      dask_key_name="ibc-dataset-views")
+                                                                      dask_key_name=f"ibc-dataset-views-{tok}")
     cands = {name: viewed[i] for i, name in enumerate(names)}
     if method == "ibc":
-        return {name: dask.delayed(accepted_picks, pure=True)(cands[name], dask_key_name=f"pick-ibc-{name}")
+        return {name: dask.delayed(accepted_picks, pure=True)(cands[name], dask_key_name=f"pick-ibc-{name}-{tok}")
                 for name in names}
     from . import pick_deep as pdp
 
     tp = dict(train_params or {})
+    tok = dask.base.tokenize(tok, tp, model)
     if model is None:
         pieces = [dask.delayed(_patch_block, pure=True)(blk, cands[name], pixel_size, diameter, (ny, nx), tp,
-                                                         dask_key_name=f"training-patches-{name}")
+                                                         dask_key_name=f"training-patches-{name}-{tok}")
                   for name, blk in zip(names, blocks)]
-        model = dask.delayed(pdp._train_from_pieces, pure=True)(pieces, tp, dask_key_name="train-picker")
+        model = dask.delayed(pdp._train_from_pieces, pure=True)(pieces, tp, dask_key_name=f"train-picker-{tok}")
     out = {name: dask.delayed(_deep_block, pure=True)(model, blk, cands[name], pixel_size, diameter, (ny, nx), tp,
-                                                       dask_key_name=f"pick-deep-{name}")
+                                                       dask_key_name=f"pick-deep-{name}-{tok}")
            for name, blk in zip(names, blocks)}
     out["__model__"] = model
     return out
@@ -1035,6 +1043,22 @@ def accepted_picks(candidates: pd.DataFrame) -> pd.DataFrame:
 def _candidates_block(block, pixel_size, diameter, original_shape, kw):
     return pick_ibc(np.asarray(block)[0], pixel_size, diameter, original_shape=original_shape,
                     return_candidates=True, **kw)
+
+
+def _candidates_and_features_block(block, pixel_size, diameter, original_shape, kw):
+    """Candidates of one micrograph and the :func:`view_features` (k, F) of its rows that may
+    take part in the dataset-level views (:func:`_view_rows` before the dataset gate, a superset
+    of those after it: the gate only rejects)."""
+    cands = _candidates_block(block, pixel_size, diameter, original_shape, kw)
+    return cands, _view_features_block(block, cands, pixel_size, diameter, original_shape)
+
+
+def _select_view_features(cands, features, gated):
+    """The rows of ``features`` (computed for ``_view_rows(cands)``) still in the views after the gate."""
+    if not len(cands):
+        return features
+    keep = _view_rows(gated)[_view_rows(cands)]
+    return np.asarray(features)[keep]
 
 
 def _patch_block(block, candidates, pixel_size, diameter, original_shape, tp):

@@ -52,6 +52,7 @@ class RunConfig:
     extract: dict[str, Any] = field(default_factory=dict)
     select: dict[str, Any] = field(default_factory=dict)
     align2d: dict[str, Any] = field(default_factory=dict)
+    localized: dict[str, Any] = field(default_factory=dict)  # the paper's pairwise SfM maps; opt-in
     refine: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -209,9 +210,7 @@ def _diameter_px(ctx: Context) -> float:
 
 
 def _stage_pick(ctx: Context) -> dict[str, Any]:
-    from .io.star import write_coordinates, write_particles
-    from .model import particle_dataset
-    from .pick import pick_graph
+    from .pick import pick_graph, write_picks
     from .runtime import compute
 
     cfg = ctx.cfg
@@ -224,24 +223,14 @@ def _stage_pick(ctx: Context) -> dict[str, Any]:
                        pick_params=params.get("ibc"), train_params={"seed": cfg.seed, **params.get("deep", {})})
     model = graph.pop("__model__", None)
     results = compute(*graph.values(), *([model] if model is not None else []), label=f"pick ({method})")
-    frames = []
     out = ctx.out / "picks"
-    (out / "coordinates").mkdir(parents=True, exist_ok=True)
-    for name, path, df in zip(names, paths, results[:len(names)]):
-        cls = np.where(df["view"].astype(str) == "side", 2, 1)
-        write_coordinates(out / "coordinates" / f"{name}.star", df["x"].to_numpy(float), df["y"].to_numpy(float),
-                          extra={"rlnAutopickFigureOfMerit": df["score"].to_numpy(float), "rlnClassNumber": cls})
-        frames.append(pd.DataFrame({"rlnMicrographName": path, "rlnCoordinateX": df["x"].to_numpy(float),
-                                    "rlnCoordinateY": df["y"].to_numpy(float),
-                                    "rlnAutopickFigureOfMerit": df["score"].to_numpy(float),
-                                    "rlnClassNumber": cls, "cdViewClass": df["view"].astype(str).to_numpy(object)}))
-    table = pd.concat(frames, ignore_index=True)
+    frames = dict(zip(names, results[:len(names)]))
     attrs = {k: v for k, v in mics.attrs.items() if k in ("pixel_size", "voltage", "cs", "amplitude_contrast")}
-    write_particles(out / "particles.star", particle_dataset(None, table, attrs))
+    table, no_picks = write_picks(out, frames, attrs, dict(zip(names, paths)))
     result: dict[str, Any] = {"method": method, "n_picks": len(table),
                               "per_micrograph": {n: int(len(d)) for n, d in zip(names, results[:len(names)])},
                               "views": {str(k): int(v) for k, v in table["cdViewClass"].value_counts().items()},
-                              "star": str(out / "particles.star")}
+                              "star": str(out / "particles.star"), "micrographs_without_picks": no_picks}
     if model is not None:
         from .pick_deep import save_model
 
@@ -266,10 +255,7 @@ def _read_picks(ctx: Context) -> pd.DataFrame:
 
 
 def _stage_extract(ctx: Context) -> dict[str, Any]:
-    import dask.array as da
-    import xarray as xr
-
-    from .extract import box_size, extract_graph
+    from .extract import box_size, extract_with_preprocessed
     from .model import open_group, write_group
 
     cfg = ctx.cfg
@@ -286,29 +272,14 @@ def _stage_extract(ctx: Context) -> dict[str, Any]:
             else:
                 picks = picks[picks["rlnDefocusU"].notna()]
     mics = _micrographs(ctx)
-    ds, dropped = extract_graph(mics, picks, box, invert=params.get("invert", True), edge=params.get("edge", "drop"))
     # the preprocessed version of every kept particle, cut from the preprocessed micrograph at
-    # the picking scale and resampled to the same box
+    # the picking scale around the same centre and resampled to the same box
     pre = open_group(ctx.store, "preprocessed")
-    binning = float(pre.attrs.get("binning", 1.0))
-    kept = pd.DataFrame({"rlnMicrographName": ds["rlnMicrographName"].values.astype(object),
-                         "rlnCoordinateX": ds["rlnCoordinateX"].values / binning,
-                         "rlnCoordinateY": ds["rlnCoordinateY"].values / binning})
-    small = max(8, int(round(box / binning / 2)) * 2)
-    pre_ds, _ = extract_graph(pre.rename({"yp": "y", "xp": "x"}), kept, small, invert=True, edge="pad")
-    ds["preprocessed"] = (("particle", "y", "x"), pre_ds["image"].data.map_blocks(
-        _resize_boxes, box, dtype=np.float32, chunks=(pre_ds["image"].data.chunks[0], (box,), (box,))))
-    ds.attrs["box"] = box
+    ds, dropped = extract_with_preprocessed(mics, pre["image"].data, float(pre.attrs.get("binning", 1.0)), picks, box,
+                                            invert=params.get("invert", True), edge=params.get("edge", "drop"))
     res = write_group(ds, ctx.store, "particles", resume=ctx.records, label="extract")
     return {"box_px": box, "n_particles": int(ds.sizes["particle"]), "n_dropped_edge": int(len(dropped)),
             "chunks": res}
-
-
-def _resize_boxes(boxes: np.ndarray, box: int) -> np.ndarray:
-    import torch
-
-    t = torch.from_numpy(np.ascontiguousarray(boxes, np.float32))[:, None]
-    return torch.nn.functional.interpolate(t, size=(box, box), mode="bilinear", align_corners=False)[:, 0].numpy()
 
 
 def _particles(ctx: Context):
@@ -332,41 +303,113 @@ def _stage_align2d(ctx: Context) -> dict[str, Any]:
 
 
 def _selected_particles(ctx: Context):
-    """The extracted particles that passed selection (align2d's cdSelected), lazily."""
+    """The extracted particles that passed selection (align2d's cdSelected), lazily.
+
+    ``refine: use_selection``: ``true`` / ``false``, or ``"auto"`` (default): the selection is
+    used when it keeps at least ``min_selected_fraction`` (default 0.5) of the particles and at
+    least 100 of them. The perfect masks model round and rectangular particles; when most
+    particles fail them the particle's shape does not fit that model (an irregular particle like a
+    ribosome) rather than most picks being bad, and all particles are refined (logged).
+    """
     from .io.star import read_particles
 
     ds = _particles(ctx)
     aligned = ctx.out / "align2d" / "particles_aligned.star"
-    if "align2d" in ctx.results and aligned.exists():
-        sel = read_particles(aligned)["cdSelected"].values.astype(bool)
-        if ctx.cfg.refine.get("use_selection", True) and sel.sum() >= 100:
-            ds = ds.isel(particle=np.flatnonzero(sel))
+    params = ctx.cfg.refine
+    use = params.get("use_selection", "auto")
+    ctx.selection_info = {"policy": str(use), "n_extracted": int(ds.sizes["particle"]), "used": False}
+    if use is False or "align2d" not in ctx.results or not aligned.exists():
+        return ds
+    sel = read_particles(aligned)["cdSelected"].values.astype(bool)
+    frac = float(sel.mean()) if sel.size else 0.0
+    ctx.selection_info.update(n_selected=int(sel.sum()), fraction=round(frac, 3))
+    if use is True or (frac >= float(params.get("min_selected_fraction", 0.5)) and sel.sum() >= 100):
+        ctx.selection_info["used"] = True
+        return ds.isel(particle=np.flatnonzero(sel))
+    log.warning("refine: 2D selection kept only %d of %d particles (%.0f %%): refining all of them (set "
+                "refine: {use_selection: true} to refine the selected ones only)", sel.sum(), sel.size, 100 * frac)
     return ds
 
 
+def _refine_settings(params: dict[str, Any], diameter_px: float | None = None):
+    """RefineSettings from the run's ``refine:`` section: ``fast: true`` (the demo's setting) and
+    any RefineSettings field by name (e.g. ``max_iterations: 6``).
+
+    Picked particles are off-centre by the picker's centring error (measured on simulations: a
+    median of 1.7 px for apoferritin, 5.4 px for the ribosome, whose projected centroid moves with
+    the view), so unless set, the first global search covers shifts up to 15 % of the particle
+    diameter (at least the RefineSettings default)."""
+    from dataclasses import fields as dc_fields, replace
+
+    from .refine import RefineSettings
+
+    base = RefineSettings.fast() if params.get("fast") else RefineSettings()
+    names = {f.name for f in dc_fields(RefineSettings)}
+    unknown = sorted(set(params) - names - {"fast", "initial", "use_selection", "min_selected_fraction", "box",
+                                            "ctf"})
+    if unknown:
+        raise InputError(None, f"unknown refine setting(s): {', '.join(unknown)}")
+    kw = {k: v for k, v in params.items() if k in names}
+    if "global_max_shift" not in kw and diameter_px:
+        kw["global_max_shift"] = max(base.global_max_shift, round(0.15 * diameter_px, 1))
+    return replace(base, **kw)
+
+
 def _stage_refine(ctx: Context) -> dict[str, Any]:
+    """Orientation determination and gold-standard refinement of the selected particles from no
+    user-supplied model (:func:`cryodask.refine.refine_particles`); writes ``OUT/map.mrc``,
+    ``half1.mrc``, ``half2.mrc``, ``fsc.csv``, ``fsc.png``, ``angular_distribution.png``,
+    ``initial_model.mrc``, ``particles.mrcs`` + ``particles.star`` (RELION can reconstruct from
+    it inside ``OUT``) and ``refine.json``."""
     from .model import table_to_frame
-    from .refine import RefineSettings, refine_particles, write_refinement_outputs
+    from .refine import refine_particles, write_refinement_outputs
+    from .runtime import compute
 
     cfg = ctx.cfg
     params = dict(cfg.refine)
     ds = _selected_particles(ctx)
     table = table_to_frame(ds)
-    images = np.asarray(ds["image"].data.compute(), np.float32)
-    settings = RefineSettings.fast() if params.get("fast") else RefineSettings()
-    optics = {"voltage": cfg.voltage, "cs": cfg.cs, "amplitude_contrast": cfg.amplitude_contrast}
-    truth = None
-    result = refine_particles(images, table, ctx.pixel_size, _Optics(**optics), symmetry=cfg.symmetry,
+    (images,) = compute(ds["image"].data, label="load particles")
+    images = np.asarray(images, np.float32)
+    apix = ctx.pixel_size
+    box0 = images.shape[-1]
+    if params.get("box") and int(params["box"]) < box0:  # refine binned particles (Fourier crop)
+        images = fourier_crop_images(images, int(params["box"]))
+        apix = ctx.pixel_size * box0 / images.shape[-1]
+        log.info("refine: particles Fourier-cropped from %d to %d px (%.3f -> %.3f Å/px)", box0,
+                 images.shape[-1], ctx.pixel_size, apix)
+    settings = _refine_settings(params, float(cfg.diameter) / apix)
+    optics = _Optics(cfg.voltage, cfg.cs, cfg.amplitude_contrast)
+    if params.get("ctf", True) is False:  # the user distrusts the CTF estimates: no CTF correction
+        table = table.drop(columns=[c for c in ("rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle") if c in table])
+        log.warning("refine: CTF correction switched off (refine: {ctf: false})")
+    elif "rlnDefocusU" not in table:
+        log.warning("refine: no usable CTF estimate for these particles: refining without CTF correction")
+    result = refine_particles(images, table, apix, optics, symmetry=cfg.symmetry,
                               diameter=cfg.diameter, seed=cfg.seed, initial=params.get("initial", "auto"),
-                              settings=settings, log=lambda m: log.info("refine: %s", m), truth=truth)
-    figures = write_refinement_outputs(ctx.out, result, images, ctx.pixel_size)
+                              settings=settings, log=lambda m: log.info("refine: %s", m))
+    write_refinement_outputs(ctx.out, result, images, apix,
+                             {"voltage": cfg.voltage, "cs": cfg.cs, "amplitude_contrast": cfg.amplitude_contrast})
     ctx.figures += [("gold-standard FSC of the half maps", "fsc.png"),
                     ("angular distribution of the refined particles", "angular_distribution.png")]
-    out = {"n_particles": int(len(table)), "symmetry": cfg.symmetry, "initial_model": result["initial"],
-           "resolution_half_maps_A": {k: float(v) for k, v in result["resolution"].items()},
-           "iterations": len(result.get("history", [])), "seconds": result.get("seconds")}
+    init = result["initial"]
+    init_summary = {k: init[k] for k in ("kind", "start", "chosen", "chosen_start", "restarts", "diameter_A",
+                                          "width_A", "height_A", "seconds") if k in init}
+    res = {k: round(float(v), 3) for k, v in result["resolution"].items()}
+    out: dict[str, Any] = {
+        "n_particles": int(len(table)), "box_px": int(images.shape[-1]), "pixel_size_A": apix,
+        "extracted_box_px": int(box0), "selection": getattr(ctx, "selection_info", None),
+        "symmetry": cfg.symmetry,
+        "ctf_corrected": "rlnDefocusU" in table, "fast": bool(params.get("fast", False)),
+        "initial_model": init_summary, "global_max_shift_px": settings.global_max_shift,
+        "resolution_half_maps_A": res,
+        "iterations": len(result.get("history", [])), "seconds": result.get("seconds"),
+        "map": str(ctx.out / "map.mrc"), "star": str(ctx.out / "particles.star")}
+    log.info("refine: %d particles, initial model %s, half-map FSC0.143 %.2f Å (FSC0.5 %.2f Å)",
+             len(table), init_summary.get("kind"), res["fsc0.143"], res["fsc0.5"])
     if cfg.truth:
-        out["truth"] = _evaluate_map_truth(ctx, result, images, table)
+        out["truth"] = _evaluate_map_truth(ctx, result, images, table, apix)
+        ctx.figures.append(("FSC against the truth volume (refined and known-pose maps)", "truth/fsc_truth.png"))
     return out
 
 
@@ -377,44 +420,166 @@ class _Optics:
     amplitude_contrast: float = 0.1
 
 
-def _evaluate_map_truth(ctx: Context, result: dict, images: np.ndarray, table: pd.DataFrame) -> dict[str, Any]:
+def _box_to(vol: np.ndarray, n: int) -> np.ndarray:
+    """Centre-crop or zero-pad a cubic volume to (n, n, n) in real space (same voxel size;
+    centre voxel N//2 stays at n//2)."""
+    m = vol.shape[0]
+    if m == n:
+        return np.asarray(vol, np.float32)
+    out = np.zeros((n, n, n), np.float32)
+    lo_s, lo_d = max(0, m // 2 - n // 2), max(0, n // 2 - m // 2)
+    k = min(m, n)
+    out[lo_d:lo_d + k, lo_d:lo_d + k, lo_d:lo_d + k] = vol[lo_s:lo_s + k, lo_s:lo_s + k, lo_s:lo_s + k]
+    return out
+
+
+def fourier_crop_images(images: np.ndarray, n: int) -> np.ndarray:
+    """Bin particle images (b, N, N) to (b, n, n) by cropping their centred Fourier transform
+    (pixel N//2 stays the centre, n//2; the pixel size grows by N/n; densities keep their scale)."""
+    import torch
+
+    x = torch.from_numpy(np.ascontiguousarray(images, np.float32))
+    m = x.shape[-1]
+    f = torch.fft.fftshift(torch.fft.fft2(torch.fft.ifftshift(x, dim=(-2, -1))), dim=(-2, -1))
+    lo = m // 2 - n // 2
+    f = f[..., lo:lo + n, lo:lo + n]
+    y = torch.fft.fftshift(torch.fft.ifft2(torch.fft.ifftshift(f, dim=(-2, -1))), dim=(-2, -1)).real
+    return (y * (n * n) / (m * m)).numpy().astype(np.float32)
+
+
+def _evaluate_map_truth(ctx: Context, result: dict, images: np.ndarray, table: pd.DataFrame,
+                        apix: float | None = None) -> dict[str, Any]:
     """FSC of the refined map vs the truth volume (after superposition), the known-pose
-    reconstruction of the same particles, and the honesty of the half-map resolution."""
+    reconstruction of the same particles (true poses; the CTF the refinement used, and the true
+    CTF), and the honesty of the half-map resolution. Writes ``OUT/truth/`` (truth volume in the
+    map's box, the superposed refined map, the known-pose map, FSC CSV/PNG) so that any FSC
+    tool (e.g. ``checks/fsc.py truth/map_aligned.mrc truth/truth_volume.mrc``) can verify."""
     from .evaluate import evaluate_map, load_truth, truth_pose_table
+    from .fsc import write_fsc_csv, write_fsc_png
     from .geometry import euler_to_matrix
-    from .io.mrc import read_map
-    from .reconstruct import accumulate, combine, gold_standard, random_subsets
+    from .io.mrc import read_map, write_map
+    from .reconstruct import accumulate, gold_standard, random_subsets
 
     cfg = ctx.cfg
-    truth_vol, _ = read_map(Path(cfg.truth) / "truth_volume.mrc")
-    if truth_vol.shape != result["map"].shape:
+    apix = float(apix or ctx.pixel_size)  # the refined map's voxel size (particles may be binned)
+    truth_vol, truth_apix = read_map(Path(cfg.truth) / "truth_volume.mrc")
+    n = result["map"].shape[0]
+    if truth_apix and abs(float(truth_apix) - apix) > 1e-3 * apix:
+        # same field of view in real space, then Fourier-crop to the map's sampling
         from .map_align import fourier_crop, fourier_pad
 
-        n = result["map"].shape[0]
-        truth_vol = fourier_crop(truth_vol, n) if truth_vol.shape[0] > n else fourier_pad(truth_vol, n)
-    ev = evaluate_map(result["map"], truth_vol, ctx.pixel_size, symmetry=cfg.symmetry)
-    out = {k: v for k, v in ev.items() if k not in ("curve", "aligned")}
+        m = int(round(n * apix / float(truth_apix)))
+        truth_vol = _box_to(truth_vol, m)
+        truth_vol = fourier_crop(truth_vol, n) if m > n else fourier_pad(truth_vol, n)
+    truth_vol = _box_to(truth_vol, n)
+    ev = evaluate_map(result["map"], truth_vol, apix, symmetry=cfg.symmetry)
+    out: dict[str, Any] = {k: v for k, v in ev.items() if k not in ("curve", "aligned")}
     half = float(result["resolution"]["fsc0.143"])
+    out["half_map_0.143_A"] = half
     out["half_map_0.143_vs_truth_0.5_gap"] = abs(half - ev["fsc_vs_truth_0.5_A"]) / ev["fsc_vs_truth_0.5_A"]
     # known poses (truth) for the same particles: the limit the data set
-    t = table.copy()
+    t = table.reset_index(drop=True).copy()
     t["mic"] = t["rlnMicrographName"].map(lambda s: Path(str(s)).stem)
     truth = load_truth(cfg.truth)
     poses = truth_pose_table(t, truth, 0.25 * _diameter_px(ctx), ctx.pixel_size)
     idx = poses.index.to_numpy()
     rots = euler_to_matrix(poses["rlnAngleRot"], poses["rlnAngleTilt"], poses["rlnAnglePsi"])
-    origins = poses[["rlnOriginXAngst", "rlnOriginYAngst"]].to_numpy() / ctx.pixel_size
-    defocus = poses[["rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle"]].to_numpy()
+    origins = poses[["rlnOriginXAngst", "rlnOriginYAngst"]].to_numpy() / apix
     subsets = random_subsets(len(idx), cfg.seed)
     optics = _Optics(cfg.voltage, cfg.cs, cfg.amplitude_contrast)
-    accs = [accumulate(images[idx][subsets == h], rots[subsets == h], origins[subsets == h], defocus[subsets == h],
-                       pixel_size=ctx.pixel_size, optics=optics, symmetry=cfg.symmetry) for h in (1, 2)]
-    known = gold_standard(accs[0], accs[1], ctx.pixel_size)
-    kev = evaluate_map(known.map, truth_vol, ctx.pixel_size, symmetry=cfg.symmetry, align=False)
-    out["known_pose_fsc_vs_truth_0.143_A"] = kev["fsc_vs_truth_0.143_A"]
-    out["known_pose_fsc_vs_truth_0.5_A"] = kev["fsc_vs_truth_0.5_A"]
-    out["ratio_to_known_pose_0.143"] = ev["fsc_vs_truth_0.143_A"] / kev["fsc_vs_truth_0.143_A"]
+    ctf_sets = {"true_ctf": poses[["rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle"]].to_numpy()}
+    if "rlnDefocusU" in t:
+        ctf_sets["refine_ctf"] = t.loc[idx, ["rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle"]].to_numpy(float)
+    else:
+        ctf_sets["refine_ctf"] = None  # the refinement had no CTF: neither has its known-pose twin
+    curves = {"refined (superposed) vs truth": ev["curve"]}
+    tdir = ctx.out / "truth"
+    tdir.mkdir(parents=True, exist_ok=True)
+    for name, defocus in ctf_sets.items():
+        accs = [accumulate(images[idx][subsets == h], rots[subsets == h], origins[subsets == h],
+                           None if defocus is None else defocus[subsets == h], pixel_size=apix, optics=optics,
+                           symmetry=cfg.symmetry) for h in (1, 2)]
+        known = gold_standard(accs[0], accs[1], apix)
+        kev = evaluate_map(known.map, truth_vol, apix, symmetry=cfg.symmetry, align=False)
+        tag = "" if name == "refine_ctf" else "_true_ctf"
+        out[f"known_pose{tag}_fsc_vs_truth_0.143_A"] = kev["fsc_vs_truth_0.143_A"]
+        out[f"known_pose{tag}_fsc_vs_truth_0.5_A"] = kev["fsc_vs_truth_0.5_A"]
+        curves[f"known poses ({name.replace('_', ' ')}) vs truth"] = kev["curve"]
+        write_map(tdir / f"known_pose_{name}.mrc", known.map, apix)
+    out["ratio_to_known_pose_0.143"] = ev["fsc_vs_truth_0.143_A"] / out["known_pose_fsc_vs_truth_0.143_A"]
+    out["ratio_to_known_pose_true_ctf_0.143"] = (ev["fsc_vs_truth_0.143_A"]
+                                                  / out["known_pose_true_ctf_fsc_vs_truth_0.143_A"])
     out["n_matched_to_truth"] = int(len(idx))
+    write_map(tdir / "truth_volume.mrc", truth_vol, apix)
+    write_map(tdir / "map_aligned.mrc", ev["aligned"], apix)
+    write_fsc_csv(tdir / "fsc_truth.csv", curves, n, apix)
+    write_fsc_png(tdir / "fsc_truth.png", curves, n, apix,
+                  title=f"vs truth: refined {ev['fsc_vs_truth_0.143_A']:.2f} Å, known poses "
+                        f"{out['known_pose_fsc_vs_truth_0.143_A']:.2f} Å (0.143)")
+    log.info("refine vs truth: FSC0.143 %.2f Å (known poses %.2f Å, ratio %.3f); half-map 0.143 %.2f Å vs "
+             "truth 0.5 %.2f Å (gap %.1f %%)", ev["fsc_vs_truth_0.143_A"], out["known_pose_fsc_vs_truth_0.143_A"],
+             out["ratio_to_known_pose_0.143"], half, ev["fsc_vs_truth_0.5_A"],
+             100 * out["half_map_0.143_vs_truth_0.5_gap"])
+    return out
+
+
+def _stage_localized(ctx: Context) -> dict[str, Any]:
+    """The paper's localized reconstruction (pairwise structure from motion, averaged) on the
+    selected 2D-aligned particles (phase-flipped, low-passed: align2d's ``aligned_preprocessed``);
+    with the same pairs' random-depth controls; measured against the truth volume when the run
+    has one. Writes ``OUT/localized/localized_map.mrc`` (+ controls) and ``localized.json``."""
+    import dask
+    import xarray as xr
+
+    from .io.mrc import write_map
+    from .localized import envelope_map, localized_graph
+
+    params = dict(ctx.cfg.localized)
+    params.pop("enabled", None)
+    store = ctx.out / "align2d" / "particles.zarr"
+    if not store.exists():
+        raise CryodaskError(f"{store}: no 2D-aligned particles; the localized stage needs align2d first")
+    ds = xr.open_zarr(store, group="align2d", consolidated=False)
+    keep = np.flatnonzero(ds["cdSelected"].values.astype(bool))
+    if params.get("max_particles"):
+        keep = keep[: int(params.pop("max_particles"))]
+    params.pop("max_particles", None)
+    images = ds["aligned_preprocessed"].data[keep]
+    box = images.shape[-1]
+    controls = bool(params.pop("controls", True))
+    radius = 0.5 * ctx.cfg.diameter / ctx.pixel_size
+    g = localized_graph(images, int(params.pop("chain_size", 50)), controls=controls, control_radius=radius,
+                        seed=ctx.cfg.seed, **params)
+    todo = {"map": g["map"], "n_ok": g["n_pairs_ok"]}
+    if controls:
+        todo["controls"], todo["mean"] = g["controls"], images.mean(axis=0)
+    t0 = time.perf_counter()
+    res = dask.compute(todo)[0]
+    out_dir = ctx.out / "localized"
+    out_dir.mkdir(exist_ok=True)
+    maps = {"localized": res["map"]}
+    if controls:
+        maps.update({f"control_{k}": v for k, v in res["controls"].items()})
+        maps["control_average_envelope"] = envelope_map(res["mean"], radius)
+    paths = {}
+    for name, vol in maps.items():
+        paths[name] = out_dir / ("localized_map.mrc" if name == "localized" else f"{name}.mrc")
+        write_map(paths[name], np.asarray(vol, np.float32), ctx.pixel_size)
+    out: dict[str, Any] = {"n_particles": int(len(keep)), "box": int(box), "n_pairs_ok": int(res["n_ok"]),
+                           "map": str(paths["localized"]), "seconds_compute": round(time.perf_counter() - t0, 2)}
+    if ctx.cfg.truth:
+        from .evaluate import evaluate_map
+        from .io.mrc import read_map
+        from .map_align import fourier_crop, fourier_pad
+
+        truth_vol, _ = read_map(Path(ctx.cfg.truth) / "truth_volume.mrc")
+        if truth_vol.shape[0] != box:
+            truth_vol = fourier_crop(truth_vol, box) if truth_vol.shape[0] > box else fourier_pad(truth_vol, box)
+        out["truth"] = {}
+        for name, vol in maps.items():
+            ev = evaluate_map(np.asarray(vol, np.float32), truth_vol, ctx.pixel_size, symmetry=ctx.cfg.symmetry)
+            out["truth"][name] = {k: v for k, v in ev.items() if k not in ("curve", "aligned")}
+    (out_dir / "localized.json").write_text(json.dumps(out, indent=2, default=str))
     return out
 
 
@@ -425,9 +590,16 @@ STAGES: dict[str, Callable[[Context], dict[str, Any]]] = {
     "pick": _stage_pick,
     "extract": _stage_extract,
     "align2d": _stage_align2d,
+    "localized": _stage_localized,
     "refine": _stage_refine,
 }
 ORDER = ["ingest", "preprocess", "ctf", "pick", "extract", "align2d", "localized", "refine"]
+#: the stages whose outputs each stage reads: a stage's completion record holds a hash of its
+#: parameters and of these stages' hashes, so a changed parameter re-runs exactly that stage
+#: and the ones that (transitively) read its output. Stages not listed depend on all earlier ones.
+DEPENDS = {"ingest": (), "preprocess": ("ingest",), "ctf": ("ingest",), "pick": ("ingest",),
+           "extract": ("ingest", "preprocess", "ctf", "pick"), "align2d": ("extract",),
+           "localized": ("extract", "align2d"), "refine": ("extract", "align2d")}
 
 
 def _stage_params(cfg: RunConfig, name: str) -> dict[str, Any]:
@@ -438,6 +610,23 @@ def _stage_params(cfg: RunConfig, name: str) -> dict[str, Any]:
     if name == "refine":
         return {**common, "symmetry": cfg.symmetry, **getattr(cfg, name, {})}
     return {**common, **(getattr(cfg, name, {}) or {})}
+
+
+def _read_record(path: Path) -> dict[str, Any] | None:
+    """A stage's completion record, or None if absent or unreadable."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _write_record(path: Path, record: dict[str, Any]) -> None:
+    """Write a completion record atomically (a kill mid-write leaves the old one or none)."""
+    import os
+
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(record, default=str))
+    os.replace(tmp, path)
 
 
 def _hash(obj: Any) -> str:
@@ -457,28 +646,31 @@ def run_pipeline(cfg: RunConfig, cluster_cfg=None) -> dict[str, Any]:
     ctx = Context(cfg)
     report: dict[str, Any] = {"config": asdict(cfg), "stages": {}, "timings_s": {}}
     wanted = [s for s in ORDER if s in STAGES and (cfg.stages is None or s in cfg.stages)]
+    if cfg.stages is None and not cfg.localized.get("enabled", False):
+        wanted.remove("localized")  # slow and envelope-level (see README): run it when asked for
     t0 = time.perf_counter()
-    upstream = ""
+    hashes: dict[str, str] = {}
     with _maybe_client(cluster_cfg):
         for name in wanted:
-            h = _hash([name, _stage_params(cfg, name), upstream])
+            deps = DEPENDS.get(name, tuple(hashes))
+            h = _hash([name, _stage_params(cfg, name), [hashes[d] for d in deps if d in hashes]])
+            hashes[name] = h
             rec_path = out / "stages" / f"{name}.json"
-            if rec_path.exists():
-                rec = json.loads(rec_path.read_text())
+            rec = _read_record(rec_path)
+            if rec is not None:
                 if rec.get("hash") == h:
                     log.info("stage %s: up to date (completion record %s), not recomputed", name, rec_path)
                     ctx.results[name] = rec["result"]
                     report["stages"][name] = {**rec["result"], "resumed": True}
                     report["timings_s"][name] = rec.get("seconds", 0.0)
-                    upstream = h
                     continue
+                log.info("stage %s: parameters or upstream stages changed since its completion record, re-running",
+                         name)
             with stage_timer(report["timings_s"], name) as t:
                 result = STAGES[name](ctx)
             ctx.results[name] = result
             report["stages"][name] = result
-            rec_path.write_text(json.dumps({"hash": h, "result": result,
-                                            "seconds": report["timings_s"][name]["seconds"]}, default=str))
-            upstream = h
+            _write_record(rec_path, {"hash": h, "result": result, "seconds": report["timings_s"][name]["seconds"]})
     report["timings_s"] = {k: (v["seconds"] if isinstance(v, dict) else v) for k, v in report["timings_s"].items()}
     report["total_seconds"] = round(time.perf_counter() - t0, 2)
     report["bad_inputs"] = ctx.bad_inputs

@@ -201,7 +201,7 @@ def polar_ctf(defocus, grid: PolarGrid, pixel_size: float, optics, phase_shift=N
     device = grid.kx.device
     if defocus is None:
         return torch.ones((1, grid.r, grid.m), dtype=torch.float32, device=device)
-    d = torch.as_tensor(np.asarray(defocus, dtype=np.float64).reshape(-1, 3), device=device)
+    d = torch.as_tensor(np.array(defocus, dtype=np.float64).reshape(-1, 3), device=device)
     lam = electron_wavelength(optics.voltage)
     k1 = math.pi * lam
     k2 = math.pi / 2 * (optics.cs * 1e7) * lam ** 3

@@ -4,13 +4,64 @@ from __future__ import annotations
 import contextlib
 import logging
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Iterator
 
 log = logging.getLogger("cryodask")
 
-__all__ = ["compute", "setup_logging", "stage_timer"]
+__all__ = ["compute", "setup_logging", "stage_timer", "dataset_scope"]
+
+# per-thread state: a collection runs each dataset's pipeline in a thread of its own
+_scope = threading.local()
+_FMT = "%(asctime)s %(levelname)s %(cd_prefix)s%(message)s"
+
+
+class _PrefixFilter(logging.Filter):
+    """Adds ``cd_prefix`` ("[dataset] " inside a :func:`dataset_scope`, else "") to records."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        name = getattr(_scope, "name", None)
+        record.cd_prefix = f"[{name}] " if name else ""
+        return True
+
+
+class _ThreadFilter(logging.Filter):
+    """Passes only records emitted by one thread (a dataset's run log inside a collection)."""
+
+    def __init__(self, ident: int):
+        super().__init__()
+        self.ident = ident
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.thread == self.ident
+
+
+def _in_scope() -> bool:
+    return getattr(_scope, "name", None) is not None
+
+
+@contextlib.contextmanager
+def dataset_scope(name: str) -> Iterator[None]:
+    """Run one dataset of a collection in this thread: log lines get a ``[name]`` prefix,
+    :func:`setup_logging` only attaches a run log that receives this thread's records (the
+    others' logging is left alone), and progress bars are off (several would interleave)."""
+    _scope.name = str(name)
+    try:
+        yield
+    finally:
+        _detach_thread_file()
+        _scope.name = None
+
+
+def _detach_thread_file() -> None:
+    root = logging.getLogger("cryodask")
+    ident = threading.get_ident()
+    for h in list(root.handlers):
+        if getattr(h, "cd_thread", None) == ident:
+            root.removeHandler(h)
+            h.close()
 
 
 def _active_client():
@@ -30,7 +81,7 @@ def compute(*objs: Any, label: str = "", progress: bool | None = None) -> tuple:
     """
     import dask
 
-    show = sys.stderr.isatty() if progress is None else progress
+    show = (sys.stderr.isatty() and not _in_scope()) if progress is None else progress
     if label:
         log.info("computing: %s", label)
     client = _active_client()
@@ -51,22 +102,39 @@ def compute(*objs: Any, label: str = "", progress: bool | None = None) -> tuple:
 
 
 def setup_logging(log_file: str | Path | None = None, debug: bool = False) -> None:
-    """Log to stderr (INFO) and, if given, to ``log_file`` (DEBUG)."""
+    """Log to stderr (INFO) and, if given, to ``log_file`` (DEBUG).
+
+    Inside a :func:`dataset_scope` only this thread's run log is (re)attached; the stderr
+    handler and the other datasets' logs stay as they are."""
     root = logging.getLogger("cryodask")
     root.setLevel(logging.DEBUG)
+    fmt = logging.Formatter(_FMT, "%H:%M:%S")
+    if _in_scope():
+        _detach_thread_file()
+        if log_file:
+            Path(log_file).parent.mkdir(parents=True, exist_ok=True)
+            fh = logging.FileHandler(log_file)
+            fh.setLevel(logging.DEBUG)
+            fh.setFormatter(fmt)
+            fh.addFilter(_PrefixFilter())
+            fh.addFilter(_ThreadFilter(threading.get_ident()))
+            fh.cd_thread = threading.get_ident()
+            root.addHandler(fh)
+        return
     for h in list(root.handlers):
         root.removeHandler(h)
         h.close()
-    fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
     sh = logging.StreamHandler(sys.stderr)
     sh.setLevel(logging.DEBUG if debug else logging.INFO)
     sh.setFormatter(fmt)
+    sh.addFilter(_PrefixFilter())
     root.addHandler(sh)
     if log_file:
         Path(log_file).parent.mkdir(parents=True, exist_ok=True)
         fh = logging.FileHandler(log_file)
         fh.setLevel(logging.DEBUG)
         fh.setFormatter(fmt)
+        fh.addFilter(_PrefixFilter())
         root.addHandler(fh)
     root.propagate = False
 

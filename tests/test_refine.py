@@ -164,3 +164,34 @@ def test_outputs_are_a_relion_particle_star(apo, tmp_path):
         assert np.allclose(ds[c].values, out["table"][c].to_numpy()), c
     assert np.allclose(read_particle_images(ds, [0, 79]), noisy[[0, 79]])
     assert fig["initial_model"]["kind"] == "user" and fig["resolution_A"]["fsc0.143"] > 0
+
+
+def test_refine_command_line(apo, tmp_path, capsys):
+    """``cryodask refine --particles P.star --out DIR``: reads a RELION STAR (+ stack), refines (here
+    from a given low-pass start, to stay fast) and writes the outputs with a one-line JSON summary."""
+    import json
+
+    from cryodask.cli import main
+    from cryodask.io.mrc import write_map
+    from cryodask.io.star import read_particles
+
+    noisy, t = _small_dataset(apo, n=80, seed=7)
+    src = tmp_path / "in"
+    out = R.refine_particles(noisy, t[["rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle"]], APIX, Optics(),
+                             symmetry="O", diameter=125.0, initial=R.lowpass(apo, 30.0, APIX),
+                             settings=R.RefineSettings(max_iterations=1, min_iterations=1, global_directions=40,
+                                                       top_candidates=1, initial_lowpass=30.0), threads=1)
+    R.write_refinement_outputs(src, out, noisy, APIX)
+    write_map(tmp_path / "start.mrc", R.lowpass(apo, 30.0, APIX), APIX)
+    rc = main(["refine", "--particles", str(src / "particles.star"), "--out", str(tmp_path / "r"), "--symmetry", "O",
+               "--diameter", "125", "--initial", str(tmp_path / "start.mrc"), "--fast", "--threads", "1"])
+    assert rc == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["n_particles"] == 80 and summary["initial_model"] == "user" and summary["fsc0.143"] < 40
+    for f in ("map.mrc", "half1.mrc", "half2.mrc", "fsc.csv", "fsc.png", "angular_distribution.png",
+              "particles.star", "particles.mrcs"):
+        assert (tmp_path / "r" / f).is_file(), f
+    ds = read_particles(tmp_path / "r" / "particles.star")
+    # the halves of the input STAR are kept (gold standard across runs)
+    assert np.array_equal(ds["rlnRandomSubset"].values, out["table"]["rlnRandomSubset"].to_numpy())
+    assert main(["refine", "--particles", str(tmp_path / "missing.star"), "--out", str(tmp_path / "x")]) == 2
