@@ -846,11 +846,11 @@ def classify_views(features: Sequence[np.ndarray], n_iter: int = 5) -> list[np.n
     sizes = [len(f) for f in features]
     if sum(sizes) == 0:
         return [np.zeros(0, object) for _ in sizes]
-    X = np.concatenate([np.asarray(f, np.float64).reshape(n, -1) for f, n in zip(features, sizes) if n])
-    a = _asymmetry(X)
-    lab = np.full(len(X), "top", object)
+    blocks = [np.asarray(f, np.float32).reshape(n, -1) for f, n in zip(features, sizes) if n]
+    a = np.concatenate([_asymmetry(b.astype(np.float64)) for b in blocks])
+    lab = np.full(len(a), "top", object)
     one_mode = True
-    if len(X) >= 20:
+    if len(a) >= 20:
         r, mu, sd, pi = _gmm_1d(a)
         sep = abs(mu[1] - mu[0]) * np.sqrt(2.0 / (sd[0] ** 2 + sd[1] ** 2))
         one_mode = sep < VIEW_MIN_SEPARATION or pi.min() < 0.05
@@ -858,20 +858,38 @@ def classify_views(features: Sequence[np.ndarray], n_iter: int = 5) -> list[np.n
         if np.median(a) > VIEW_SIDE_ASYMMETRY:
             lab[:] = "side"
     else:
-        y = r > 0.5
-        Z = (X - X.mean(0)) / (X.std(0) + 1e-12)
+        # the discriminant is learnt on at most VIEW_FIT_MAX picks (a seeded subsample), so the
+        # memory of this reduction does not grow with the dataset; every pick is then scored
+        n_all = len(a)
+        fit = (np.sort(np.random.default_rng(0).choice(n_all, VIEW_FIT_MAX, replace=False))
+               if n_all > VIEW_FIT_MAX else np.arange(n_all))
+        X = np.concatenate(blocks)[fit].astype(np.float64) if n_all > VIEW_FIT_MAX else \
+            np.concatenate(blocks).astype(np.float64)
+        mean, std = X.mean(0), X.std(0) + 1e-12
+        Z = (X - mean) / std
+        y = r[fit] > 0.5
+        w = None
         for _ in range(n_iter):
             if y.all() or not y.any():
                 break
             m0, m1 = Z[~y].mean(0), Z[y].mean(0)
             sw = np.cov(Z[~y].T) if (~y).sum() > 1 else 0.0
             sw = sw + (np.cov(Z[y].T) if y.sum() > 1 else 0.0) + np.eye(Z.shape[1])
-            s = Z @ np.linalg.solve(sw, m1 - m0)
-            y = _gmm_1d(s)[0] > 0.5
-        lab[y] = "side"
+            w = np.linalg.solve(sw, m1 - m0)
+            y = _gmm_1d(Z @ w)[0] > 0.5
+        if w is None:
+            y_all = r > 0.5
+        elif len(fit) == n_all:
+            y_all = y
+        else:
+            scores = np.concatenate([((b.astype(np.float64) - mean) / std) @ w for b in blocks])
+            y_all = _gmm_1d(scores)[0] > 0.5
+        lab[y_all] = "side"
     return list(np.split(lab, np.cumsum(sizes)[:-1]))
 
 
+#: Most picks the dataset-level view discriminant is fitted on (a seeded subsample beyond it).
+VIEW_FIT_MAX = 5000
 #: Fewest picks in a dataset for the dataset-level view classes.
 VIEW_MIN_PICKS = 20
 #: Ashman's D below which the asymmetry mixture counts as one mode (one view in the dataset).

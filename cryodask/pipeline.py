@@ -177,7 +177,18 @@ def _stage_ctf(ctx: Context) -> dict[str, Any]:
     rings = [thon_ring_count(d, 50.0, nyq, cfg.voltage, cfg.cs, cfg.amplitude_contrast) if np.isfinite(d) else 0
              for d in mean_def]
     table["cdThonRings"] = rings
-    table["cdCtfUsable"] = (np.asarray(rings) >= 2) & np.isfinite(mean_def.to_numpy())
+    # a fit pinned at either end of the searched defocus range found no Thon rings of its own
+    # (e.g. none below Nyquist): its defocus is the search's boundary, not a measurement
+    dmin, dmax = params.get("defocus_range", (3000.0, 50000.0))
+    margin = 0.02 * (dmax - dmin)
+    at_edge = ((mean_def <= dmin + margin) | (mean_def >= dmax - margin)).to_numpy()
+    table["cdCtfAtSearchLimit"] = at_edge.astype(int)
+    usable = (np.asarray(rings) >= 2) & np.isfinite(mean_def.to_numpy()) & ~at_edge
+    if len(table) and at_edge.mean() >= 0.5:
+        # most micrographs found nothing inside the search range: the dataset's Thon rings are
+        # not measurable (e.g. beyond Nyquist), and the odd fit inside the range is chance
+        usable[:] = False
+    table["cdCtfUsable"] = usable
     out = ctx.out / "ctf"
     out.mkdir(parents=True, exist_ok=True)
     table.to_csv(out / "ctf.csv", index=False)
@@ -186,9 +197,11 @@ def _stage_ctf(ctx: Context) -> dict[str, Any]:
         "defocus_median_A": float(np.nanmedian(mean_def)) if len(table) else None,
         "fit_resolution_median_A": float(np.nanmedian(table["rlnCtfMaxResolution"])) if len(table) else None,
         "csv": str(out / "ctf.csv")}
+    result["n_at_search_limit"] = int(at_edge.sum())
     if result["n_usable"] < len(table):
         result["warning"] = (f"{len(table) - result['n_usable']} micrograph(s) show fewer than 2 CTF zeros below "
-                             f"Nyquist ({nyq:.1f} Å) at their estimated defocus: their defocus is not measurable "
+                             f"Nyquist ({nyq:.1f} Å) at their estimated defocus, or their fit sits at the limit "
+                             f"of the defocus search ({dmin:.0f}–{dmax:.0f} Å): their defocus is not measurable "
                              "and their particles are reconstructed without CTF correction")
         log.warning(result["warning"])
     if cfg.truth:
@@ -264,7 +277,8 @@ def _stage_extract(ctx: Context) -> dict[str, Any]:
     picks = _read_picks(ctx)
     ctf = _ctf_table(ctx)
     if ctf is not None:  # per-particle CTF from its micrograph's estimate
-        ctf = ctf[ctf["cdCtfUsable"].astype(bool)].drop(columns=["cdThonRings", "cdCtfUsable"])
+        ctf = ctf[ctf["cdCtfUsable"].astype(bool)].drop(columns=["cdThonRings", "cdCtfUsable", "cdCtfAtSearchLimit"],
+                                                       errors="ignore")
         picks = picks.merge(ctf, on="rlnMicrographName", how="left")
         if picks["rlnDefocusU"].isna().any():  # some micrographs without a usable fit
             if picks["rlnDefocusU"].isna().all():

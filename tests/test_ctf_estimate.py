@@ -167,3 +167,20 @@ def test_real_apoferritin_halves_agree(shared_data):
         assert r["rlnCtfMaxResolution"] < 8.0
     assert abs(a["rlnDefocusU"] - b["rlnDefocusU"]) < 300
     assert abs(a["rlnDefocusV"] - b["rlnDefocusV"]) < 300
+
+
+def test_pipeline_flags_unmeasurable_defocus(tmp_path):
+    """KLH-like micrographs at 10 Å/px (Nyquist 20 Å) show no Thon ring below Nyquist at 1–2.5 µm:
+    the fit can only land on the limit of the defocus search, and the CTF stage must flag every
+    micrograph as not usable (its particles are then reconstructed without CTF correction)."""
+    from cryodask.pipeline import RunConfig, run_pipeline
+    from cryodask.simulate_job import SimulationConfig, run_simulation
+
+    sim = tmp_path / "sim"
+    run_simulation(SimulationConfig(volume="klh", out=str(sim), n_micrographs=3, micrograph_size=512, snr=0.1, seed=3))
+    rep = run_pipeline(RunConfig.load(None, {"micrographs": [str(sim / "micrographs" / "*.mrc")], "diameter": 400.0,
+                                             "symmetry": "D5", "out": str(tmp_path / "run"),
+                                             "stages": ["ingest", "ctf"]}))
+    ctf = rep["stages"]["ctf"]
+    assert ctf["n_micrographs"] == 3 and ctf["n_usable"] == 0 and ctf["n_at_search_limit"] >= 2
+    assert "warning" in ctf

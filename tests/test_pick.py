@@ -498,3 +498,38 @@ def test_ibc_klh_both_views_detects_side_views_and_classifies_views():
     assert side_found / side_all >= 0.72
     assert f1 >= 0.86
     assert np.mean(right) >= 0.91
+
+
+def test_classify_views_subsampled_fit_agrees_with_full_fit(monkeypatch):
+    """The dataset-level view discriminant is fitted on a bounded subsample for large datasets
+    (flat memory); its classes must agree with the fit on every pick."""
+    from cryodask import pick
+    from cryodask.pick import view_features
+
+    rng = np.random.default_rng(0)
+    n_img, d = 6, 24
+    yy, xx = np.mgrid[:64, :64] - 32.0
+    ring = ((np.hypot(yy, xx) < 11) & (np.hypot(yy, xx) > 7)).astype(np.float32)
+    rect = ((np.abs(yy) < 12) & (np.abs(xx) < 8)).astype(np.float32)
+    feats, truth = [], []
+    for _ in range(n_img):
+        imgs, labs = [], []
+        for k in range(200):
+            side = rng.random() < 0.5
+            base = rect if side else ring
+            if side:
+                from scipy.ndimage import rotate
+
+                base = rotate(base, rng.uniform(0, 180), reshape=False, order=1)
+            imgs.append(-(base + rng.normal(0, 0.8, base.shape)).astype(np.float32))  # protein dark
+            labs.append("side" if side else "top")
+        big = np.concatenate(imgs, 1)  # 64 × (64·200) strip of particles
+        centres = np.array([[32.0, 32.0 + 64 * k] for k in range(200)])
+        feats.append(view_features(big, centres, d))
+        truth.append(np.array(labs, object))
+    full = np.concatenate(pick.classify_views(feats))
+    monkeypatch.setattr(pick, "VIEW_FIT_MAX", 300)
+    sub = np.concatenate(pick.classify_views(feats))
+    truth = np.concatenate(truth)
+    assert (full == truth).mean() > 0.95
+    assert (sub == full).mean() > 0.98

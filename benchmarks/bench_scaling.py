@@ -1,0 +1,81 @@
+"""Throughput of the pipeline with 1 and 2 local workers (issue 6: ≥ 1.8× from 1 to 2 workers).
+
+Simulates N micrographs with the demo's settings (apoferritin-like, 3 Å/px, 1024², SNR 0.1, CTF;
+cached in --work) and runs the pipeline's distributed stages (default ingest → preprocess → ctf
+→ pick → extract → align2d) on a fresh ``distributed.LocalCluster`` of 1 and then 2 single-threaded
+worker processes, timing the whole run (cluster start excluded). The refine stage is excluded by
+default: it runs as batched torch in one process (its threads, not Dask workers, set its speed);
+add it with ``--stages ...,refine`` to measure it too.
+
+    python benchmarks/bench_scaling.py --n 50 [--workers 1 2] [--work bench_scaling_work]
+
+Run it on an otherwise idle machine: every figure here is a wall time.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+STAGES = "ingest,preprocess,ctf,pick,extract,align2d"
+
+
+def simulate(work: Path, n: int, size: int, seed: int) -> Path:
+    sim = work / f"sim_{n}x{size}"
+    if not (sim / "simulation.json").exists():
+        subprocess.run([sys.executable, "-m", "cryodask", "simulate", "--volume", "apoferritin", "--n-micrographs",
+                        str(n), "--micrograph-size", str(size), "--pixel-size", "3", "--seed", str(seed),
+                        "--out", str(sim), "--cluster", "local", "--workers", "2"], check=True,
+                       stdout=subprocess.DEVNULL)
+    return sim
+
+
+def measure(sim: Path, out: Path, workers: int, stages: list[str]) -> dict:
+    from cryodask.cluster import ClusterConfig, client_for
+    from cryodask.pipeline import RunConfig, run_pipeline
+
+    shutil.rmtree(out, ignore_errors=True)
+    cfg = RunConfig.load(None, overrides={"micrographs": [str(sim / "micrographs" / "*.mrc")], "pixel_size": 3.0,
+                                          "diameter": 120.0, "symmetry": "O", "seed": 0, "out": str(out),
+                                          "stages": stages})
+    ccfg = ClusterConfig(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0")
+    with client_for(ccfg, announce=lambda m: None) as client:
+        client.wait_for_workers(workers)
+        t0 = time.perf_counter()
+        rep = run_pipeline(cfg, None)
+        seconds = time.perf_counter() - t0
+    return {"workers": workers, "seconds": round(seconds, 1), "stage_seconds": rep["timings_s"],
+            "n_micrographs": rep["stages"]["ingest"]["n_micrographs"],
+            "n_particles": rep["stages"].get("extract", {}).get("n_particles"),
+            "micrographs_per_s": round(rep["stages"]["ingest"]["n_micrographs"] / seconds, 3)}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=50, help="number of micrographs")
+    ap.add_argument("--size", type=int, default=1024, help="micrograph size, px")
+    ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--stages", default=STAGES)
+    ap.add_argument("--work", default="bench_scaling_work")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    work = Path(args.work).absolute()
+    work.mkdir(parents=True, exist_ok=True)
+    sim = simulate(work, args.n, args.size, args.seed)
+    load0 = os.getloadavg()
+    runs = [measure(sim, work / f"run_w{w}", w, args.stages.split(",")) for w in args.workers]
+    for r in runs:
+        print(json.dumps(r))
+    base = runs[0]["seconds"]
+    print(json.dumps({"cpu_count": os.cpu_count(), "load_before": load0, "load_after": os.getloadavg(),
+                      "speedup": {r["workers"]: round(base / r["seconds"], 3) for r in runs}}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
