@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 STAGES = "ingest,preprocess,ctf,pick,extract,align2d"
+KILL_STAGES = STAGES + ",refine"  # the kill test runs to the final map (fast refinement settings)
 N_MICS = 3
 
 # the command, run in a subprocess; SLOW_GROUP makes the chunk writes of one store group slow
@@ -48,13 +49,14 @@ def sim(tmp_path_factory) -> Path:
         run_simulation(SimulationConfig(volume="apoferritin", out=str(root / "sim"), n_micrographs=N_MICS,
                                         micrograph_size=512, pixel_size=3.0, seed=21))
     (root / "driver.py").write_text(DRIVER)
+    (root / "run.yaml").write_text("refine:\n  fast: true\n")
     return root
 
 
 def _cmd(root: Path, out: str) -> list[str]:
-    return [sys.executable, str(root / "driver.py"), "run", "--micrographs", str(root / "sim" / "micrographs" / "*.mrc"),
-            "--pixel-size", "3", "--diameter", "120", "--seed", "5", "--stages", STAGES, "--out", str(root / out),
-            "--cluster", "none"]
+    return [sys.executable, str(root / "driver.py"), "run", str(root / "run.yaml"), "--micrographs",
+            str(root / "sim" / "micrographs" / "*.mrc"), "--pixel-size", "3", "--diameter", "120", "--symmetry", "O",
+            "--seed", "5", "--stages", KILL_STAGES, "--out", str(root / out), "--cluster", "none"]
 
 
 def _env(**extra) -> dict[str, str]:
@@ -103,6 +105,10 @@ def _checksums(out: Path) -> dict[str, str]:
     for f in sorted(list(out.rglob("*.star")) + list(out.rglob("*.csv"))):
         text = f.read_text().replace(str(out), "OUT")
         sums[f.relative_to(out).as_posix()] = hashlib.sha256(text.encode()).hexdigest()
+    import mrcfile
+
+    for f in sorted(list(out.rglob("*.mrc")) + list(out.rglob("*.mrcs"))):  # the maps and the refined stack
+        sums[f.relative_to(out).as_posix()] = hashlib.sha256(np.ascontiguousarray(mrcfile.read(f)).tobytes()).hexdigest()
     return sums
 
 
@@ -117,6 +123,7 @@ def test_sigkill_then_rerun_redoes_only_missing_work_and_matches(sim):
     _run(root, "ref")  # uninterrupted reference
     ref = _checksums(root / "ref")
     assert any(k.startswith("store.zarr/particles/") for k in ref) and "align2d/particles_aligned.star" in ref
+    assert {"map.mrc", "half1.mrc", "half2.mrc", "particles.star"} <= set(ref)  # the final map and its STAR
 
     out = root / "killed"
     # 1) killed while the preprocessed micrographs are being committed, between two chunks
@@ -142,7 +149,7 @@ def test_sigkill_then_rerun_redoes_only_missing_work_and_matches(sim):
     err = _run(root, "killed")
     for stage in ("ingest", "preprocess", "ctf", "pick", "extract"):
         assert f"stage {stage}: up to date" in err, stage
-    assert "stage align2d: start" in err and "stage align2d: done" in err
+    assert "stage align2d: start" in err and "stage align2d: done" in err and "stage refine: done" in err
     assert "computing:" not in err.split("stage align2d: start")[0]  # nothing recomputed before align2d
 
     got = _checksums(out)
