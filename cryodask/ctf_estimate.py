@@ -32,6 +32,12 @@ Identifiability: a fit needs CTF zeros inside the band (see :func:`thon_ring_cou
 fewer than ~2 zeros below Nyquist (e.g. 10 Å/px at 1–2.5 µm defocus) the defocus cannot be
 told from the particles' own form factor, and neither score flags that.
 
+Where the particles' own signal dies out before the first CTF zero (e.g. a ~20 Å map at 5 Å/px:
+the rise of the first CTF lobe is then all the spectrum shows, and it trades off against the
+unknown signal envelope), the spectrum cannot pin the defocus to better than a few thousand Å;
+:func:`refine_defocus_to_reference` measures it instead from the particles against projections of
+a reference (as RELION's CtfRefine does), which uses the phase of the signal, not its power.
+
 Units: pixel size in Å/px, defocus in Å (positive = underfocus), the defocus angle in degrees —
 the direction of ``DefocusU`` (the larger defocus) from the image x axis, in [-90, 90) — and
 resolutions in Å. The CTF is :func:`cryodask.ctf.ctf_2d` (RELION's), without phase plate.
@@ -60,6 +66,8 @@ __all__ = [
     "ctf_table",
     "thon_ring_count",
     "plot_ctf_diagnostic",
+    "reference_cross_spectra",
+    "refine_defocus_to_reference",
 ]
 
 CTF_COLUMNS = ("rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle", "rlnCtfFigureOfMerit", "rlnCtfMaxResolution")
@@ -670,6 +678,127 @@ def ctf_table(values, names=None):
     if names is not None:
         df.insert(0, "rlnMicrographName", list(names))
     return df
+
+
+# ----------------------------------------------------------------------------------------------
+# reference-based defocus refinement
+
+
+def reference_cross_spectra(particles, references):
+    """Sums over one micrograph's particles that :func:`refine_defocus_to_reference` scores.
+
+    ``particles`` (b, n, n): the particle boxes as extracted (protein white, no CTF correction);
+    ``references`` (b, n, n): noise-free projections of the reference at each particle's pose and
+    origin, without CTF, on the same pixel grid. Returns ``(cross, power)``, float64 arrays
+    (n, n // 2 + 1) in ``rfft2`` layout: ``Σ_i Re(X_i · conj(R_i))`` and ``Σ_i |R_i|²``.
+    """
+    x = torch.as_tensor(np.asarray(particles) if not torch.is_tensor(particles) else particles)
+    r = torch.as_tensor(np.asarray(references) if not torch.is_tensor(references) else references)
+    if x.shape != r.shape or x.ndim != 3 or x.shape[-1] != x.shape[-2]:
+        raise ValueError(f"expected matching (b, n, n) stacks, got {tuple(x.shape)} and {tuple(r.shape)}")
+    fx = torch.fft.rfft2(x.to(torch.float64))
+    fr = torch.fft.rfft2(r.to(torch.float64).to(fx.device))
+    cross = (fx * fr.conj()).real.sum(0)
+    power = (fr.real**2 + fr.imag**2).sum(0)
+    return cross.cpu().numpy(), power.cpu().numpy()
+
+
+def refine_defocus_to_reference(
+    cross,
+    power,
+    pixel_size: float,
+    defocus_u: float,
+    defocus_v: float,
+    defocus_angle: float,
+    voltage: float = 300.0,
+    cs: float = 2.7,
+    amplitude_contrast: float = 0.1,
+    search: float = 5000.0,
+    resolution_range: tuple[float, float | None] = (200.0, None),
+    fit_astigmatism: bool = True,
+    max_astigmatism: float = 3000.0,
+) -> dict:
+    """Defocus of one micrograph from its particles against projections of a reference.
+
+    With particle transforms ``X_i = a·CTF·R_i + noise`` (white noise within the micrograph), the
+    least-squares fit of the scale ``a`` leaves the score ``Σ CTF·cross / √(Σ CTF²·power)`` (sums
+    over the Fourier pixels of the band, each half-plane pixel counted for itself and its mirror),
+    which this maximises: an exhaustive 1-D search of the mean defocus in ``± search`` Å around
+    the start, with a step that moves the CTF phase by at most π/4 at the band's top, then (with
+    ``fit_astigmatism``) a Nelder–Mead refinement of ``(mean, a·cos2θ, a·sin2θ)``. The score
+    weighs each shell by the reference's power there, so a reference whose radial amplitude
+    profile is wrong (e.g. Wiener-filtered, or reconstructed with wrong CTFs) biases the result
+    when few CTF zeros lie in the band; alternating it with reconstruction then needs care.
+
+    ``cross``, ``power``: from :func:`reference_cross_spectra`, (n, n // 2 + 1). ``pixel_size``
+    Å/px; start ``defocus_u``, ``defocus_v`` Å, ``defocus_angle`` degrees; ``voltage`` kV, ``cs``
+    mm. ``resolution_range`` (low, high) Å: high defaults to Nyquist; set it to the reference's
+    resolution. Returns ``{rlnDefocusU, rlnDefocusV, rlnDefocusAngle, score, start_score}`` (Å,
+    Å, degrees, and the score at the result and at the start; arbitrary units, comparable only
+    within one micrograph; ≤ 0: the particles do not correlate with the reference, e.g. the
+    wrong contrast, and the defocus means nothing).
+    """
+    cross = np.asarray(cross, dtype=np.float64)
+    power = np.asarray(power, dtype=np.float64)
+    n = cross.shape[0]
+    if cross.shape != (n, n // 2 + 1) or power.shape != cross.shape:
+        raise ValueError(f"expected rfft-layout (n, n//2+1) sums, got {cross.shape} and {power.shape}")
+    lo, hi = resolution_range
+    hi = 2.0 * pixel_size if hi is None else max(float(hi), 2.0 * pixel_size)
+    ky, kx = np.meshgrid(np.fft.fftfreq(n, pixel_size), np.fft.rfftfreq(n, pixel_size), indexing="ij")
+    kr = np.hypot(ky, kx)
+    mult = np.full(kr.shape, 2.0)
+    mult[:, 0] = 1.0
+    if n % 2 == 0:
+        mult[:, -1] = 1.0
+    sel = (kr >= 1.0 / float(lo)) & (kr <= 1.0 / hi)
+    if sel.sum() < 8:
+        raise ValueError(f"band {lo}–{hi} Å holds fewer than 8 Fourier pixels")
+    tky, tkx = torch.from_numpy(ky[sel]), torch.from_numpy(kx[sel])
+    wc = torch.from_numpy((mult * cross)[sel])
+    wp = torch.from_numpy((mult * power)[sel])
+
+    def scores(u, v, ang):
+        c = ctf_2d(tky, tkx, u, v, ang, voltage, cs, amplitude_contrast).double()
+        return (c * wc).sum(-1) / torch.sqrt(torch.clamp((c * c * wp).sum(-1), min=1e-300))
+
+    to_uva = _to_uva
+
+    m0 = 0.5 * (defocus_u + defocus_v)
+    a0 = 0.5 * (defocus_u - defocus_v)
+    th0 = math.radians(defocus_angle)
+    ax0, ay0 = a0 * math.cos(2 * th0), a0 * math.sin(2 * th0)
+    lam = electron_wavelength(voltage)
+    step = min(1.0 / (8.0 * lam * (1.0 / hi) ** 2), search / 10.0)
+    cand = np.arange(max(m0 - search, 1.0), m0 + search + step, step)
+    u, v, ang = zip(*(to_uva(m, ax0, ay0) for m in cand))
+    s = scores(np.array(u), np.array(v), np.array(ang)).numpy()
+    start = float(scores(*to_uva(m0, ax0, ay0)))
+    x0 = np.array([cand[int(np.argmax(s))], ax0, ay0])
+
+    def cost(x):
+        m, ax, ay = x
+        if math.hypot(ax, ay) > max_astigmatism / 2 or not cand[0] <= m <= cand[-1]:
+            return 1e30
+        return -float(scores(*to_uva(m, ax, ay)))
+
+    if fit_astigmatism:
+        d = step / 2
+        simplex = np.array([x0, x0 + [d, 0, 0], x0 + [0, d, 0], x0 + [0, 0, d]])
+        res = minimize(cost, x0, method="Nelder-Mead",
+                       options=dict(initial_simplex=simplex, xatol=1.0, fatol=1e-6 * abs(start) + 1e-12,
+                                    maxiter=600))
+        x = res.x if res.fun <= cost(x0) else x0
+    else:
+        from scipy.optimize import minimize_scalar
+
+        r = minimize_scalar(lambda m: cost((m, ax0, ay0)), bounds=(x0[0] - step, x0[0] + step),
+                            method="bounded", options=dict(xatol=1.0))
+        x = np.array([r.x, ax0, ay0]) if r.fun <= cost(x0) else x0
+    u, v, ang = to_uva(*x)
+    best = -cost(x)
+    return {"rlnDefocusU": float(u), "rlnDefocusV": float(v), "rlnDefocusAngle": float(ang),
+            "score": float(best), "start_score": float(start)}
 
 
 # ----------------------------------------------------------------------------------------------
