@@ -67,9 +67,15 @@ __all__ = [
     "classify_view",
     "darkness_map",
     "dataset_gate",
+    "gate_flags",
     "view_features",
     "classify_views",
     "dataset_views",
+    "pack_view_features",
+    "view_fit_all",
+    "view_summary",
+    "fit_dataset_views",
+    "apply_dataset_views",
     "to_original",
     "pick_ibc",
     "pick_graph",
@@ -515,18 +521,26 @@ def dataset_gate(candidates: Sequence[pd.DataFrame], min_fraction: float = 0.75)
     per-micrograph ``empty_gate`` cannot do this alone: faint particles at low SNR can be as
     weak as empty real ice. Returns new tables, in order.
     """
-    refs = np.array([float(c["reference_strength"].iloc[0]) if len(c) and "reference_strength" in c else np.nan
-                     for c in candidates])
+    flags = gate_flags([_reference_strength(c) for c in candidates], min_fraction)
+    return [_gated(c, f) for c, f in zip(candidates, flags)]
+
+
+def gate_flags(refs: Sequence[float], min_fraction: float = 0.75) -> np.ndarray:
+    """The rule of :func:`dataset_gate` on the micrographs' reference strengths ``refs`` (NaN: no
+    candidates): (n,) bool, True for a micrograph whose candidates are all rejected."""
+    refs = np.asarray(refs, float)
     ok = np.isfinite(refs) & (refs > 0)
     if not ok.any():
-        return list(candidates)
-    med = float(np.median(refs[ok]))
-    out = []
-    for c, r in zip(candidates, refs):
-        if len(c) and np.isfinite(r) and r < min_fraction * med:
-            c = c.assign(accepted=False, empty=True)
-        out.append(c)
-    return out
+        return np.zeros(len(refs), bool)
+    return np.isfinite(refs) & (refs < min_fraction * float(np.median(refs[ok])))
+
+
+def _reference_strength(c: pd.DataFrame) -> float:
+    return float(c["reference_strength"].iloc[0]) if len(c) and "reference_strength" in c else np.nan
+
+
+def _gated(c: pd.DataFrame, flag: bool) -> pd.DataFrame:
+    return c.assign(accepted=False, empty=True) if flag and len(c) else c
 
 
 def to_original(rows: np.ndarray, cols: np.ndarray, scale_y: float, scale_x: float) -> tuple[np.ndarray, np.ndarray]:
@@ -923,6 +937,22 @@ def _view_features_block(block, candidates, pixel_size, diameter, original_shape
     return view_features(img, c[["row", "col"]].to_numpy(float) if len(c) else np.zeros((0, 2)), d)
 
 
+def _side_accept(c: pd.DataFrame, s: np.ndarray, a: np.ndarray) -> np.ndarray:
+    """``accepted`` of candidate table ``c`` in a dataset with side views (``s``: its view rows,
+    ``a``: which of them are accepted): darkness-map candidates are accepted, weak circles not."""
+    accepted = c["accepted"].to_numpy(bool).copy()
+    accepted[np.nonzero(s)[0][~a]] = True
+    # with two views, the reference strength is set by the sharp outline of one of
+    # them: a circle pick must then be both fairly strong or clearly dark (weak,
+    # pale circles sit between particles)
+    if {"relative_strength", "darkness", "route"} <= set(c.columns):
+        weak = ((c["route"].to_numpy(object) == "circle")
+                & (c["relative_strength"].to_numpy(float) < VIEW_MIN_RELATIVE_STRENGTH)
+                & ~(c["darkness"].to_numpy(float) >= VIEW_MIN_DARKNESS))
+        accepted &= ~weak
+    return accepted
+
+
 def dataset_views(candidates: Sequence[pd.DataFrame], features: Sequence[np.ndarray]) -> list[pd.DataFrame]:
     """Replace the ``view`` of the accepted candidates of every micrograph by the dataset-level
     classes of :func:`classify_views` (``features``: per micrograph the :func:`view_features`
@@ -948,15 +978,7 @@ def dataset_views(candidates: Sequence[pd.DataFrame], features: Sequence[np.ndar
             if with_side:
                 # darkness-map candidates are side views of a dataset that has them
                 view[idx[~a]] = "side"
-                accepted[idx[~a]] = True
-                # with two views, the reference strength is set by the sharp outline of one of
-                # them: a circle pick must then be both fairly strong or clearly dark (weak,
-                # pale circles sit between particles)
-                if {"relative_strength", "darkness", "route"} <= set(c.columns):
-                    weak = ((c["route"].to_numpy(object) == "circle")
-                            & (c["relative_strength"].to_numpy(float) < VIEW_MIN_RELATIVE_STRENGTH)
-                            & ~(c["darkness"].to_numpy(float) >= VIEW_MIN_DARKNESS))
-                    accepted &= ~weak
+                accepted = _side_accept(c, s, a)
             c["view"], c["accepted"] = view, accepted
         out.append(c)
     if with_side:
@@ -969,6 +991,183 @@ def dataset_views(candidates: Sequence[pd.DataFrame], features: Sequence[np.ndar
                 view[np.nonzero(s)[0][k]] = lab
                 c["view"] = view
     return out
+
+
+def _gmm_upper(s: np.ndarray, mu, sd, pi) -> np.ndarray:
+    """Responsibility of the upper component of a fitted :func:`_gmm_1d` mixture (means, sds,
+    weights ordered lower, upper) for the values ``s``."""
+    s = np.asarray(s, np.float64)
+    mu, sd, pi = (np.asarray(v, np.float64) for v in (mu, sd, pi))
+    lik = pi / sd * np.exp(-0.5 * ((s[:, None] - mu) / sd) ** 2) + 1e-300
+    return lik[:, 1] / lik.sum(1)
+
+
+def _view_model(a: np.ndarray, X: np.ndarray, pos: np.ndarray, n_iter: int = 5):
+    """The view classifier of :func:`classify_views` learnt from the asymmetry of every pick and
+    the descriptors of a subsample of them (bounded memory).
+
+    ``a``: (n,) :func:`_asymmetry` of all picks; ``X``: (m, F) :func:`view_features` of a
+    subsample; ``pos``: (m,) their positions in ``a``. Returns ``(labels, model)``: ``labels``
+    (n,) object array when the classes follow from the asymmetry alone (one mode, or a
+    discriminant that never separates), else ``None`` with ``model`` = dict(mean, std, w, gmm):
+    standardise a pick's descriptors, project on ``w`` and take the upper component of the
+    score mixture ``gmm`` = (means, sds, weights) as side views; the model's side fraction on
+    the subsample is under ``"side_fraction"``."""
+    lab = np.full(len(a), "top", object)
+    one_mode = True
+    if len(a) >= 20:
+        r, mu, sd, pi = _gmm_1d(a)
+        sep = abs(mu[1] - mu[0]) * np.sqrt(2.0 / (sd[0] ** 2 + sd[1] ** 2))
+        one_mode = sep < VIEW_MIN_SEPARATION or pi.min() < 0.05
+    if one_mode:
+        if np.median(a) > VIEW_SIDE_ASYMMETRY:
+            lab[:] = "side"
+        return lab, None
+    if len(X) < 2:  # nothing to fit a discriminant on: the asymmetry mixture's classes
+        lab[r > 0.5] = "side"
+        return lab, None
+    X = np.asarray(X, np.float64)
+    mean, std = X.mean(0), X.std(0) + 1e-12
+    Z = (X - mean) / std
+    y = r[pos] > 0.5
+    w = g = None
+    for _ in range(n_iter):
+        if y.all() or not y.any():
+            break
+        m0, m1 = Z[~y].mean(0), Z[y].mean(0)
+        sw = np.cov(Z[~y].T) if (~y).sum() > 1 else 0.0
+        sw = sw + (np.cov(Z[y].T) if y.sum() > 1 else 0.0) + np.eye(Z.shape[1])
+        w = np.linalg.solve(sw, m1 - m0)
+        rr, gm, gs, gp = _gmm_1d(Z @ w)
+        y, g = rr > 0.5, (gm, gs, gp)
+    if w is None:
+        lab[r > 0.5] = "side"
+        return lab, None
+    return None, dict(mean=mean.astype(np.float32), std=std.astype(np.float32), w=w, gmm=g,
+                      side_fraction=float(y.mean()))
+
+
+def _apply_view_model(model: Mapping, X: np.ndarray) -> np.ndarray:
+    """Views (``"top"``/``"side"``) of the picks with descriptors ``X`` (k, F) under a
+    :func:`_view_model` discriminant."""
+    lab = np.full(len(X), "top", object)
+    if len(X):
+        z = ((np.asarray(X, np.float64) - model["mean"]) / model["std"]) @ model["w"]
+        lab[_gmm_upper(z, *model["gmm"]) > 0.5] = "side"
+    return lab
+
+
+def pack_view_features(features: np.ndarray, quota: int | None = None) -> tuple:
+    """What one micrograph keeps of the (k, F) :func:`view_features` of its view rows until the
+    dataset-level view step: their (k,) :func:`_asymmetry` (float64, from the float32
+    descriptors), the descriptors in float16 (k, F), and the positions (m,) and float32
+    descriptors (m, F) of a seeded subsample of at most ``quota`` rows (all rows when ``quota``
+    is ``None`` or k ≤ ``quota``) for the discriminant's fit."""
+    f = np.asarray(features, np.float32)
+    k = len(f)
+    idx = (np.arange(k) if quota is None or k <= quota
+           else np.sort(np.random.default_rng(k).choice(k, int(quota), replace=False)))
+    return _asymmetry(f.astype(np.float64)), f.astype(np.float16), idx, f[idx]
+
+
+def view_fit_all(candidates: Sequence[pd.DataFrame], max_rows: int | None = None) -> bool:
+    """Whether the dataset's view rows (:func:`_view_rows` of the gated tables) number at most
+    ``max_rows`` (default :data:`VIEW_FIT_MAX`): then every descriptor goes to the fit."""
+    max_rows = VIEW_FIT_MAX if max_rows is None else max_rows
+    return sum(int(_view_rows(c).sum()) for c in candidates) <= max_rows
+
+
+def view_summary(packed: tuple, fit_all: bool) -> tuple:
+    """What one micrograph sends to :func:`fit_dataset_views`, from its
+    :func:`pack_view_features`: the (k,) asymmetries, the positions of the rows whose descriptors
+    go to the fit (all when ``fit_all``, else its subsample) and those descriptors (float32; the
+    rows outside the subsample, only sent when ``fit_all``, from float16)."""
+    asym, f16, idx, x32 = packed
+    if not fit_all:
+        return asym, idx, x32
+    X = np.asarray(f16, np.float32)
+    X[idx] = x32
+    return asym, np.arange(len(X)), X
+
+
+def fit_dataset_views(candidates: Sequence[pd.DataFrame], summaries: Sequence[tuple]) -> list:
+    """Dataset-level views with memory bounded by :data:`VIEW_FIT_MAX` descriptors (the
+    reduction of the picking graph; :func:`dataset_views` on all descriptors otherwise).
+
+    ``candidates``: gated candidate tables; ``summaries``: per micrograph :func:`view_summary`
+    of its view rows. When every micrograph sent all its descriptors (at most
+    :data:`VIEW_FIT_MAX` rows in the dataset) this is exactly :func:`dataset_views`. Otherwise the
+    asymmetry mixture uses every pick, the discriminant and its score mixture the subsample.
+    Returns per micrograph ``(table, job)``: ``job`` is ``None`` when the table's views are final,
+    else ``(model, rows, k)`` for :func:`apply_dataset_views` (``rows``: table positions of the
+    view rows; ``k``: mask over them of the rows whose views the model sets)."""
+    sel = [_view_rows(c) for c in candidates]
+    if all(len(sm[1]) == int(s.sum()) for sm, s in zip(summaries, sel)):  # every descriptor is here
+        return [(c, None) for c in dataset_views(candidates, [sm[2] for sm in summaries])]
+
+    def classify(sets):
+        """(labels per micrograph or None, model) for the view rows selected by ``sets``."""
+        a = np.concatenate([sm[0][k] for sm, k in zip(summaries, sets)])
+        off = np.cumsum([0] + [int(k.sum()) for k in sets])
+        X, pos = [], []
+        for i, (sm, k) in enumerate(zip(summaries, sets)):
+            inset = k[sm[1]]
+            X.append(sm[2][inset])
+            pos.append(off[i] + (np.cumsum(k) - 1)[sm[1][inset]])
+        lab, model = _view_model(a, np.concatenate(X), np.concatenate(pos).astype(int))
+        return (None if lab is None else np.split(lab, off[1:-1])), model
+
+    acc = [c["accepted"].to_numpy(bool)[s] if len(c) else np.zeros(0, bool) for c, s in zip(candidates, sel)]
+    if sum(int(k.sum()) for k in acc) < VIEW_MIN_PICKS:
+        return [(c, None) for c in candidates]
+    labels, model = classify(acc)
+    if labels is None:
+        side_frac = model["side_fraction"]
+    else:
+        side_frac = sum(int((lab == "side").sum()) for lab in labels) / max(1, sum(len(lab) for lab in labels))
+    with_side = side_frac >= VIEW_MIN_SIDE_FRACTION
+    out = []
+    for i, (c, s, a) in enumerate(zip(candidates, sel, acc)):
+        if len(c) and s.any():
+            c = c.copy()
+            view = c["view"].to_numpy(object).copy()
+            idx = np.nonzero(s)[0]
+            if labels is not None:
+                view[idx[a]] = labels[i]
+            if with_side:
+                view[idx[~a]] = "side"
+                c["accepted"] = _side_accept(c, s, a)
+            c["view"] = view
+        out.append(c)
+    sets = acc
+    if with_side:
+        sets = [c["accepted"].to_numpy(bool)[s] if len(c) else np.zeros(0, bool) for c, s in zip(out, sel)]
+        labels, model = classify(sets)
+        if labels is not None:
+            for c, s, k, lab in zip(out, sel, sets, labels):
+                if len(c) and k.any():
+                    view = c["view"].to_numpy(object).copy()
+                    view[np.nonzero(s)[0][k]] = lab
+                    c["view"] = view
+    if labels is not None:
+        return [(c, None) for c in out]
+    return [(c, (model, np.nonzero(s)[0], k) if len(c) and k.any() else None)
+            for c, s, k in zip(out, sel, sets)]
+
+
+def apply_dataset_views(fitted: tuple, features: np.ndarray) -> pd.DataFrame:
+    """One micrograph's table of :func:`fit_dataset_views` with the model's views set on the
+    chosen rows (``features``: the descriptors of its view rows, as for :func:`view_summary`,
+    any float dtype)."""
+    table, job = fitted
+    if job is None:
+        return table
+    model, rows, k = job
+    table = table.copy()
+    view = table["view"].to_numpy(object).copy()
+    view[rows[k]] = _apply_view_model(model, np.asarray(features)[k])
+    table["view"] = view
+    return table
 
 
 # --------------------------------------------------------------------------------------------
@@ -1019,16 +1218,27 @@ def pick_graph(micrographs, names: Sequence[str], pixel_size: float, diameter: f
     # one task per micrograph computes its candidates *and* the view features of every row that
     # can take part in the dataset-level views, so the dataset-wide steps below only gather small
     # tables and no micrograph stays in memory while they wait for the others
-    both = [dask.delayed(_candidates_and_features_block, pure=True, nout=2)(
-        blk, pixel_size, diameter, (ny, nx), kw, dask_key_name=f"ibc-candidates-{name}-{tok}")
+    quota = -(-VIEW_FIT_MAX // max(1, n))  # float32 descriptors each micrograph keeps for the fit
+    both = [dask.delayed(_candidates_and_features_block, pure=True, nout=3)(
+        blk, pixel_size, diameter, (ny, nx), kw, quota, dask_key_name=f"ibc-candidates-{name}-{tok}")
         for name, blk in zip(names, blocks)]
-    gated = dask.delayed(dataset_gate, pure=True, nout=len(names))([b[0] for b in both],
-                                                                   dask_key_name=f"ibc-dataset-gate-{tok}")
-    feats = [dask.delayed(_select_view_features, pure=True)(b[0], b[1], gated[i],
-                                                            dask_key_name=f"view-features-{name}-{tok}")
+    # map → bounded reduce → map. Each micrograph keeps its candidate table, the asymmetries of its
+    # view rows, their descriptors in float16 (~1.3 kB a pick) and float32 descriptors of at most
+    # ceil(VIEW_FIT_MAX / n) of them. The dataset gate gets one reference strength and row count
+    # per micrograph; the view fit gets the view rows' few table columns, the asymmetries and those
+    # float32 rows (every row when the dataset has at most VIEW_FIT_MAX: then it is exactly
+    # dataset_gate + dataset_views) and returns a small model that each micrograph applies to its
+    # own descriptors and table.
+    gate = dask.delayed(_gate_reduce, pure=True)([b[2] for b in both], VIEW_FIT_MAX,
+                                                 dask_key_name=f"ibc-dataset-gate-{tok}")
+    parts = [dask.delayed(_view_parts, pure=True, nout=2)(b[0], b[1], gate, i,
+                                                          dask_key_name=f"view-features-{name}-{tok}")
              for i, (name, b) in enumerate(zip(names, both))]
-    viewed = dask.delayed(dataset_views, pure=True, nout=len(names))([gated[i] for i in range(len(names))], feats,
-                                                                      dask_key_name=f"ibc-dataset-views-{tok}")
+    fitted = dask.delayed(_fit_views_block, pure=True, nout=len(names))([p[0] for p in parts],
+                                                                         dask_key_name=f"ibc-dataset-views-{tok}")
+    viewed = [dask.delayed(_apply_views_block, pure=True)(fitted[i], parts[i][1], b[0], gate, i,
+                                                          dask_key_name=f"ibc-views-{name}-{tok}")
+              for i, (name, b) in enumerate(zip(names, both))]
     cands = {name: viewed[i] for i, name in enumerate(names)}
     if method == "ibc":
         return {name: dask.delayed(accepted_picks, pure=True)(cands[name], dask_key_name=f"pick-ibc-{name}-{tok}")
@@ -1063,20 +1273,67 @@ def _candidates_block(block, pixel_size, diameter, original_shape, kw):
                     return_candidates=True, **kw)
 
 
-def _candidates_and_features_block(block, pixel_size, diameter, original_shape, kw):
-    """Candidates of one micrograph and the :func:`view_features` (k, F) of its rows that may
-    take part in the dataset-level views (:func:`_view_rows` before the dataset gate, a superset
-    of those after it: the gate only rejects)."""
+def _candidates_and_features_block(block, pixel_size, diameter, original_shape, kw, quota=None):
+    """Candidates of one micrograph, the :func:`pack_view_features` of its rows that may take
+    part in the dataset-level views (:func:`_view_rows` before the dataset gate, a superset of
+    those after it: the gate only rejects) and (reference strength, number of those rows)."""
     cands = _candidates_block(block, pixel_size, diameter, original_shape, kw)
-    return cands, _view_features_block(block, cands, pixel_size, diameter, original_shape)
+    packed = pack_view_features(_view_features_block(block, cands, pixel_size, diameter, original_shape), quota)
+    return cands, packed, (_reference_strength(cands), len(packed[0]))
 
 
-def _select_view_features(cands, features, gated):
-    """The rows of ``features`` (computed for ``_view_rows(cands)``) still in the views after the gate."""
+def _select_view_features(cands, packed, gated):
+    """The parts of ``packed`` (:func:`pack_view_features` of ``_view_rows(cands)``) for the
+    rows still in the views after the gate."""
     if not len(cands):
-        return features
+        return packed
     keep = _view_rows(gated)[_view_rows(cands)]
-    return np.asarray(features)[keep]
+    if keep.all():
+        return packed
+    asym, f16, idx, x32 = packed
+    inset = keep[idx]
+    return asym[keep], f16[keep], (np.cumsum(keep) - 1)[idx[inset]], x32[inset]
+
+
+#: Candidate-table columns the dataset-level view step reads and writes.
+_VIEW_COLUMNS = ["view", "accepted", "empty", "route", "relative_strength", "darkness"]
+
+
+def _gate_reduce(infos, max_rows):
+    """(gate flags, whether every descriptor goes to the view fit) from the per-micrograph
+    (reference strength, number of view rows)."""
+    flags = gate_flags([r for r, _ in infos])
+    return flags, sum(k for (_, k), f in zip(infos, flags) if not f) <= max_rows
+
+
+def _view_parts(cands, packed, gate, i):
+    """((view rows of the gated table with :data:`_VIEW_COLUMNS`, :func:`view_summary`),
+    float16 descriptors) of micrograph ``i``: all the dataset-level view step needs of it."""
+    flags, fit_all = gate
+    gated = _gated(cands, flags[i])
+    packed = _select_view_features(cands, packed, gated)
+    mini = gated.loc[_view_rows(gated), [c for c in _VIEW_COLUMNS if c in gated]].reset_index(drop=True) \
+        if len(gated) else gated
+    return (mini, view_summary(packed, fit_all)), packed[1]
+
+
+def _fit_views_block(parts):
+    return fit_dataset_views([m for m, _ in parts], [sm for _, sm in parts])
+
+
+def _apply_views_block(fitted, features, cands, gate, i):
+    """Micrograph ``i``'s gated candidate table with the dataset-level views and acceptances."""
+    table = _gated(cands, gate[0][i])
+    mini = apply_dataset_views(fitted, features)
+    if not len(mini):
+        return table
+    table = table.copy()
+    rows = np.nonzero(_view_rows(table))[0]
+    for col in ("view", "accepted"):
+        v = table[col].to_numpy(object if col == "view" else bool).copy()
+        v[rows] = mini[col].to_numpy()
+        table[col] = v
+    return table
 
 
 def _patch_block(block, candidates, pixel_size, diameter, original_shape, tp):

@@ -533,3 +533,52 @@ def test_classify_views_subsampled_fit_agrees_with_full_fit(monkeypatch):
     truth = np.concatenate(truth)
     assert (full == truth).mean() > 0.95
     assert (sub == full).mean() > 0.98
+
+
+def _view_tables(n_img=6, per=200, seed=0):
+    """Candidate tables (all accepted circle picks) and their view descriptors: rings (top) and
+    rotated rectangles (side) in noise, half each; returns (tables, features, true views)."""
+    from scipy.ndimage import rotate
+
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:64, :64] - 32.0
+    ring = ((np.hypot(yy, xx) < 11) & (np.hypot(yy, xx) > 7)).astype(np.float32)
+    rect = ((np.abs(yy) < 12) & (np.abs(xx) < 8)).astype(np.float32)
+    tables, feats, truth = [], [], []
+    for _ in range(n_img):
+        side = rng.random(per) < 0.5
+        imgs = [-((rotate(rect, rng.uniform(0, 180), reshape=False, order=1) if s else ring)
+                  + rng.normal(0, 0.8, ring.shape)).astype(np.float32) for s in side]
+        centres = np.array([[32.0, 32.0 + 64 * k] for k in range(per)])
+        feats.append(PK.view_features(np.concatenate(imgs, 1), centres, 24))
+        truth.append(np.where(side, "side", "top").astype(object))
+        tables.append(pd.DataFrame({"x": centres[:, 1], "y": centres[:, 0], "score": 1.0, "view": "top",
+                                    "accepted": True, "route": "circle", "relative_strength": 1.0,
+                                    "darkness": 2.0, "empty": False, "reference_strength": 1.0}))
+    return tables, feats, truth
+
+
+def test_bounded_dataset_views_match_the_full_reduction():
+    """The picking graph's map → bounded reduce → map view step: exactly :func:`dataset_views`
+    when all descriptors fit (≤ VIEW_FIT_MAX), and with a small fit budget it sends at most that
+    many descriptors to the reduction and still agrees with the full fit and the truth."""
+    tables, feats, truth = _view_tables()
+    full = PK.dataset_views(tables, feats)
+    truth = np.concatenate(truth)
+    assert (np.concatenate([t["view"].to_numpy(object) for t in full]) == truth).mean() > 0.95
+
+    def bounded(max_rows):
+        quota = -(-max_rows // len(feats))
+        fit_all = PK.view_fit_all(tables, max_rows)
+        summ = [PK.view_summary(PK.pack_view_features(f, quota), fit_all) for f in feats]
+        sent = sum(len(s[2]) for s in summ)
+        assert sent == sum(len(f) for f in feats) if fit_all else sent <= max_rows
+        fitted = PK.fit_dataset_views(tables, summ)
+        return [PK.apply_dataset_views(fi, f.astype(np.float16)) for fi, f in zip(fitted, feats)]
+
+    for a, b in zip(bounded(10_000), full):  # everything fits: identical
+        pd.testing.assert_frame_equal(a, b)
+    sub = np.concatenate([t["view"].to_numpy(object) for t in bounded(300)])
+    full = np.concatenate([t["view"].to_numpy(object) for t in full])
+    assert (sub == full).mean() > 0.97
+    assert (sub == truth).mean() > 0.95
