@@ -842,6 +842,39 @@ def _gmm_1d(s: np.ndarray, n_iter: int = 200):
     return r[:, up], mu[[1 - up, up]], sd[[1 - up, up]], pi[[1 - up, up]]
 
 
+def _asymmetry_classes(a: np.ndarray):
+    """Step 1–2 of :func:`classify_views`: ``(labels, responsibilities)``. One mode (or fewer
+    than 20 picks) → every pick one class and ``None``; two modes → all ``"top"`` and the
+    mixture's responsibility of the upper (side) component per pick, to seed the discriminant."""
+    lab = np.full(len(a), "top", object)
+    if len(a) >= 20:
+        r, mu, sd, pi = _gmm_1d(a)
+        sep = abs(mu[1] - mu[0]) * np.sqrt(2.0 / (sd[0] ** 2 + sd[1] ** 2))
+        if not (sep < VIEW_MIN_SEPARATION or pi.min() < 0.05):
+            return lab, r
+    if np.median(a) > VIEW_SIDE_ASYMMETRY:
+        lab[:] = "side"
+    return lab, None
+
+
+def _self_trained_discriminant(Z: np.ndarray, y: np.ndarray, n_iter: int):
+    """Step 3 of :func:`classify_views` on standardised descriptors ``Z`` (m, F) seeded by the
+    boolean classes ``y`` (m,): ridge-regularised Fisher LDA, scores split by a two-component
+    mixture, ``n_iter`` times. Returns ``(w, y, gmm)``; ``w`` is None when ``y`` never has
+    both classes."""
+    w = g = None
+    for _ in range(n_iter):
+        if y.all() or not y.any():
+            break
+        m0, m1 = Z[~y].mean(0), Z[y].mean(0)
+        sw = np.cov(Z[~y].T) if (~y).sum() > 1 else 0.0
+        sw = sw + (np.cov(Z[y].T) if y.sum() > 1 else 0.0) + np.eye(Z.shape[1])
+        w = np.linalg.solve(sw, m1 - m0)
+        rr, gm, gs, gp = _gmm_1d(Z @ w)
+        y, g = rr > 0.5, (gm, gs, gp)
+    return w, y, g
+
+
 def classify_views(features: Sequence[np.ndarray], n_iter: int = 5) -> list[np.ndarray]:
     """Dataset-level view classes of all picks (the reduction over micrographs).
 
@@ -862,16 +895,8 @@ def classify_views(features: Sequence[np.ndarray], n_iter: int = 5) -> list[np.n
         return [np.zeros(0, object) for _ in sizes]
     blocks = [np.asarray(f, np.float32).reshape(n, -1) for f, n in zip(features, sizes) if n]
     a = np.concatenate([_asymmetry(b.astype(np.float64)) for b in blocks])
-    lab = np.full(len(a), "top", object)
-    one_mode = True
-    if len(a) >= 20:
-        r, mu, sd, pi = _gmm_1d(a)
-        sep = abs(mu[1] - mu[0]) * np.sqrt(2.0 / (sd[0] ** 2 + sd[1] ** 2))
-        one_mode = sep < VIEW_MIN_SEPARATION or pi.min() < 0.05
-    if one_mode:
-        if np.median(a) > VIEW_SIDE_ASYMMETRY:
-            lab[:] = "side"
-    else:
+    lab, r = _asymmetry_classes(a)
+    if r is not None:
         # the discriminant is learnt on at most VIEW_FIT_MAX picks (a seeded subsample), so the
         # memory of this reduction does not grow with the dataset; every pick is then scored
         n_all = len(a)
@@ -881,16 +906,7 @@ def classify_views(features: Sequence[np.ndarray], n_iter: int = 5) -> list[np.n
             np.concatenate(blocks).astype(np.float64)
         mean, std = X.mean(0), X.std(0) + 1e-12
         Z = (X - mean) / std
-        y = r[fit] > 0.5
-        w = None
-        for _ in range(n_iter):
-            if y.all() or not y.any():
-                break
-            m0, m1 = Z[~y].mean(0), Z[y].mean(0)
-            sw = np.cov(Z[~y].T) if (~y).sum() > 1 else 0.0
-            sw = sw + (np.cov(Z[y].T) if y.sum() > 1 else 0.0) + np.eye(Z.shape[1])
-            w = np.linalg.solve(sw, m1 - m0)
-            y = _gmm_1d(Z @ w)[0] > 0.5
+        w, y, _ = _self_trained_discriminant(Z, r[fit] > 0.5, n_iter)
         if w is None:
             y_all = r > 0.5
         elif len(fit) == n_all:
@@ -1013,15 +1029,8 @@ def _view_model(a: np.ndarray, X: np.ndarray, pos: np.ndarray, n_iter: int = 5):
     standardise a pick's descriptors, project on ``w`` and take the upper component of the
     score mixture ``gmm`` = (means, sds, weights) as side views; the model's side fraction on
     the subsample is under ``"side_fraction"``."""
-    lab = np.full(len(a), "top", object)
-    one_mode = True
-    if len(a) >= 20:
-        r, mu, sd, pi = _gmm_1d(a)
-        sep = abs(mu[1] - mu[0]) * np.sqrt(2.0 / (sd[0] ** 2 + sd[1] ** 2))
-        one_mode = sep < VIEW_MIN_SEPARATION or pi.min() < 0.05
-    if one_mode:
-        if np.median(a) > VIEW_SIDE_ASYMMETRY:
-            lab[:] = "side"
+    lab, r = _asymmetry_classes(a)
+    if r is None:
         return lab, None
     if len(X) < 2:  # nothing to fit a discriminant on: the asymmetry mixture's classes
         lab[r > 0.5] = "side"
@@ -1029,17 +1038,7 @@ def _view_model(a: np.ndarray, X: np.ndarray, pos: np.ndarray, n_iter: int = 5):
     X = np.asarray(X, np.float64)
     mean, std = X.mean(0), X.std(0) + 1e-12
     Z = (X - mean) / std
-    y = r[pos] > 0.5
-    w = g = None
-    for _ in range(n_iter):
-        if y.all() or not y.any():
-            break
-        m0, m1 = Z[~y].mean(0), Z[y].mean(0)
-        sw = np.cov(Z[~y].T) if (~y).sum() > 1 else 0.0
-        sw = sw + (np.cov(Z[y].T) if y.sum() > 1 else 0.0) + np.eye(Z.shape[1])
-        w = np.linalg.solve(sw, m1 - m0)
-        rr, gm, gs, gp = _gmm_1d(Z @ w)
-        y, g = rr > 0.5, (gm, gs, gp)
+    w, y, g = _self_trained_discriminant(Z, r[pos] > 0.5, n_iter)
     if w is None:
         lab[r > 0.5] = "side"
         return lab, None
