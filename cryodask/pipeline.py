@@ -555,9 +555,9 @@ def _stage_localized(ctx: Context) -> dict[str, Any]:
         raise CryodaskError(f"{store}: no 2D-aligned particles; the localized stage needs align2d first")
     ds = xr.open_zarr(store, group="align2d", consolidated=False)
     keep = np.flatnonzero(ds["cdSelected"].values.astype(bool))
-    if params.get("max_particles"):
-        keep = keep[: int(params.pop("max_particles"))]
-    params.pop("max_particles", None)
+    limit = params.pop("max_particles", None)
+    if limit:
+        keep = keep[: int(limit)]
     images = ds["aligned_preprocessed"].data[keep]
     box = images.shape[-1]
     controls = bool(params.pop("controls", True))
@@ -584,11 +584,9 @@ def _stage_localized(ctx: Context) -> dict[str, Any]:
     if ctx.cfg.truth:
         from .evaluate import evaluate_map
         from .io.mrc import read_map
-        from .map_align import fourier_crop, fourier_pad
 
         truth_vol, _ = read_map(Path(ctx.cfg.truth) / "truth_volume.mrc")
-        if truth_vol.shape[0] != box:
-            truth_vol = fourier_crop(truth_vol, box) if truth_vol.shape[0] > box else fourier_pad(truth_vol, box)
+        truth_vol = _box_to(truth_vol, box)  # same voxel size: crop/pad in real space, as for the refined map
         out["truth"] = {}
         for name, vol in maps.items():
             ev = evaluate_map(np.asarray(vol, np.float32), truth_vol, ctx.pixel_size, symmetry=ctx.cfg.symmetry)
@@ -680,7 +678,7 @@ def run_pipeline(cfg: RunConfig, cluster_cfg=None) -> dict[str, Any]:
                     continue
                 log.info("stage %s: parameters or upstream stages changed since its completion record, re-running",
                          name)
-            with stage_timer(report["timings_s"], name) as t:
+            with stage_timer(report["timings_s"], name):
                 result = STAGES[name](ctx)
             ctx.results[name] = result
             report["stages"][name] = result
