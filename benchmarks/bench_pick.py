@@ -6,14 +6,16 @@ from a zarr store → preprocess → pick, one task chain per micrograph) on a
 ``distributed.LocalCluster`` with ``n_workers`` = 1 and 2 (``threads_per_worker=1``, one process
 per worker; OpenCV and BLAS limited to one thread in the workers), for 1240×1200 and
 4096×4096 micrographs, and the peak resident memory of every worker process (``ru_maxrss`` of a
-fresh cluster). The machine's load average is printed: other processes sharing the cores
-distort the scaling.
+fresh cluster). Each configuration is run ``--repeat`` times, the worker counts interleaved
+(1, 2, 1, 2, …) so that slow drifts of the machine hit both alike; the medians are reported and
+the scaling is the ratio of the median throughputs. The machine's load average is printed:
+other processes sharing the cores distort the scaling.
 
 Micrographs: the EMPIAR-10146 apoferritin micrographs from ``../shared/data/apoferritin``
 (1240×1200, tiled with mirroring into 4096×4096 mosaics) when present, else synthetic
 apoferritin-like rings in noise. Pixel size 1.5 Å, particle diameter 115 Å.
 
-    python benchmarks/bench_pick.py [--n-small 12] [--n-large 4] [--workers 1,2] [--json OUT]
+    python benchmarks/bench_pick.py [--n-small 24] [--n-large 6] [--workers 1,2] [--repeat 3] [--json OUT]
 """
 from __future__ import annotations
 
@@ -108,9 +110,10 @@ def run_one(store: str, n_workers: int, names):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--n-small", type=int, default=12, help="number of 1240×1200 micrographs")
-    ap.add_argument("--n-large", type=int, default=4, help="number of 4096×4096 micrographs")
+    ap.add_argument("--n-small", type=int, default=24, help="number of 1240×1200 micrographs")
+    ap.add_argument("--n-large", type=int, default=6, help="number of 4096×4096 micrographs")
     ap.add_argument("--workers", default="1,2")
+    ap.add_argument("--repeat", type=int, default=3, help="runs per configuration (interleaved)")
     ap.add_argument("--json", type=Path)
     a = ap.parse_args()
     import zarr
@@ -130,19 +133,27 @@ def main():
             z = zarr.open_array(store, mode="w", shape=stack.shape, chunks=(1, *shape), dtype="f4")
             z[:] = stack
             names = [f"{label}_{i:03d}" for i in range(n)]
-            for w in [int(x) for x in a.workers.split(",")]:
-                r = run_one(store, w, names)
-                r.update(size=label, n_micrographs=n)
-                report["runs"].append(r)
-                rss = ", ".join(f"{m:.0f}" for m in r["peak_rss_mb_per_worker"])
-                print(f"{label}  workers={w}  {r['micrographs_per_s']:.3f} micrographs/s  (wall {r['wall_s']:.1f} s, "
-                      f"{r['picks']} picks)  peak RSS per worker {rss} MB", flush=True)
-            one = [r for r in report["runs"] if r["size"] == label and r["workers"] == 1]
-            two = [r for r in report["runs"] if r["size"] == label and r["workers"] == 2]
-            if one and two:
-                s = two[0]["micrographs_per_s"] / one[0]["micrographs_per_s"]
+            workers = [int(x) for x in a.workers.split(",")]
+            runs = {w: [] for w in workers}
+            for rep in range(a.repeat):
+                for w in workers:
+                    r = run_one(store, w, names)
+                    r.update(size=label, n_micrographs=n, repeat=rep)
+                    report["runs"].append(r)
+                    runs[w].append(r)
+                    rss = ", ".join(f"{m:.0f}" for m in r["peak_rss_mb_per_worker"])
+                    print(f"{label}  workers={w}  run {rep + 1}/{a.repeat}  {r['micrographs_per_s']:.3f} micrographs/s  "
+                          f"(wall {r['wall_s']:.1f} s, {r['picks']} picks)  peak RSS per worker {rss} MB", flush=True)
+            med = {w: float(np.median([r["micrographs_per_s"] for r in rs])) for w, rs in runs.items()}
+            report.setdefault("median_micrographs_per_s", {})[label] = med
+            for w in workers:
+                print(f"{label}  workers={w}  median {med[w]:.3f} micrographs/s", flush=True)
+            if 1 in med and 2 in med:
+                s = med[2] / med[1]
                 report.setdefault("scaling_1_to_2", {})[label] = s
-                print(f"{label}  scaling 1 → 2 workers: {s:.2f}×", flush=True)
+                per_run = [b["micrographs_per_s"] / a_["micrographs_per_s"] for a_, b in zip(runs[1], runs[2])]
+                print(f"{label}  scaling 1 → 2 workers (median throughputs): {s:.2f}×  "
+                      f"(per interleaved pair: {', '.join(f'{x:.2f}' for x in per_run)})", flush=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     report["load_avg_end"] = os.getloadavg()

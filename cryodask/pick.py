@@ -499,11 +499,11 @@ def _ring_coverage(mask: np.ndarray, centres: np.ndarray, r_in: float, r_out: fl
     return np.clip(frac / np.maximum(norm, 1e-6), 0.0, 1.0)[c[:, 0], c[:, 1]]
 
 
-def darkness_map(img: np.ndarray, diameter_px: float) -> np.ndarray:
+def darkness_map(img: np.ndarray, diameter_px: float, radius: float = 0.4) -> np.ndarray:
     """Darkness of a particle-sized disc around every pixel: the mean of ``−img`` over a disc
-    of radius 0.4·``diameter_px`` px, in robust z units of the micrograph (minus the median,
+    of radius ``radius``·``diameter_px`` px, in robust z units of the micrograph (minus the median,
     over 1.4826·MAD of the disc means). Shape of ``img``; particles score 1–3, background ≈ 0."""
-    k = _disk(0.4 * diameter_px).astype(np.float32)
+    k = _disk(radius * diameter_px).astype(np.float32)
     z = -cv2.filter2D(np.asarray(img, np.float32), -1, k / k.sum(), borderType=cv2.BORDER_REFLECT)
     med = float(np.median(z))
     mad = 1.4826 * float(np.median(np.abs(z - med))) or 1.0
@@ -573,6 +573,7 @@ def pick_ibc(
     peak_darkness: float = 1.3,
     peak_separation: float = 0.85,
     peak_support: float = 0.4,
+    peak_radius: float = 0.5,
     hough_on: str = "image",
     noise_factor: float = 2.5,
     min_relative_strength: float = 0.25,
@@ -601,6 +602,12 @@ def pick_ibc(
         (centres outside the image always are).
     radius_range : circle radii searched, × diameter.
     side_views : also look for square/rectangular particles (regions without a circular pick).
+    peak_darkness, peak_radius, peak_support : side-view candidates from the darkness map
+        (:func:`darkness_map` with a disc of radius ``peak_radius``·diameter — the whole
+        particle: a side view's mass sits in its long walls, off-centre, so a smaller disc
+        both misses faint ones and pulls the peak towards a wall or a neighbour): peaks of at
+        least ``peak_darkness`` robust z units, ``min_distance`` apart, with circle support
+        ``peak_support`` or more.
     hough_on : ``"image"`` (preprocessed grey levels, default) or ``"membership"`` (the
         clustering's membership map, smoothed).
     noise_factor : floor of the gradient scale, × median gradient magnitude (see
@@ -738,7 +745,7 @@ def pick_ibc(
         # Candidate side views from the darkness map: dark particle-sized blobs with no pick
         # nearby. Their outline is weak, so they are not accepted here; the dataset-level view
         # step (:func:`dataset_views`) accepts them when the dataset holds side views at all.
-        dmap = darkness_map(img, d)
+        dmap = darkness_map(img, d, peak_radius)
         pk2 = nms_peaks(dmap, min_distance * d, peak_darkness)
         if len(pk2):
             keep = ~contam[pk2[:, 0], pk2[:, 1]]
@@ -842,16 +849,56 @@ def _gmm_1d(s: np.ndarray, n_iter: int = 200):
     return r[:, up], mu[[1 - up, up]], sd[[1 - up, up]], pi[[1 - up, up]]
 
 
-def _asymmetry_classes(a: np.ndarray):
-    """Step 1–2 of :func:`classify_views`: ``(labels, responsibilities)``. One mode (or fewer
-    than 20 picks) → every pick one class and ``None``; two modes → all ``"top"`` and the
-    mixture's responsibility of the upper (side) component per pick, to seed the discriminant."""
+def _ashman_d(s: np.ndarray) -> tuple[float, float]:
+    """Ashman's D of a two-component :func:`_gmm_1d` fit of ``s`` and its minor weight."""
+    _, mu, sd, pi = _gmm_1d(np.asarray(s, np.float64))
+    return float(abs(mu[1] - mu[0]) * np.sqrt(2.0 / (sd[0] ** 2 + sd[1] ** 2))), float(pi.min())
+
+
+def _split_holds(Z: np.ndarray, y: np.ndarray, n_iter: int) -> bool:
+    """Whether the two view classes seeded by ``y`` (m,) on the standardised descriptors ``Z``
+    (m, F) are real: a :func:`_self_trained_discriminant` learnt on one random half of the
+    picks must split the *other* half into two modes (Ashman's D ≥ :data:`VIEW_MIN_SEPARATION`
+    on the held-out scores, averaged over the two folds, minor weight ≥ 5 %). In-sample, a
+    discriminant with hundreds of descriptors separates any population (D 4–5 on a single
+    view); held out, one view stays one mode (D ≤ 1.6 on the development sets) while top + side
+    views stay apart (D ≈ 3)."""
+    half = np.random.default_rng(0).random(len(Z)) < 0.5
+    ds = []
+    for train in (half, ~half):
+        if train.sum() < 20 or (~train).sum() < 20:
+            return False
+        zt = Z[train]
+        m, sd = zt.mean(0), zt.std(0) + 1e-12
+        w, _, _ = _self_trained_discriminant((zt - m) / sd, y[train], n_iter)
+        if w is None:
+            return False
+        d, minor = _ashman_d(((Z[~train] - m) / sd) @ w)
+        if minor < 0.05:
+            return False
+        ds.append(d)
+    return float(np.mean(ds)) >= VIEW_MIN_SEPARATION
+
+
+def _asymmetry_classes(a: np.ndarray, Z: np.ndarray, pos: np.ndarray, n_iter: int):
+    """Steps 1–2 of :func:`classify_views`: ``(labels, responsibilities)``. ``a``: (n,)
+    asymmetries of all picks; ``Z``: (m, F) standardised descriptors of the picks at positions
+    ``pos`` (m,) in ``a`` (all of them or a subsample). One mode (or fewer than 20 picks) → every
+    pick one class and ``None``; two modes → all ``"top"`` and the asymmetry mixture's
+    responsibility of the upper (side) component per pick, to seed the discriminant.
+
+    With at least 40 descriptors the two modes must hold out of sample (:func:`_split_holds`);
+    with fewer, the asymmetry mixture alone decides (Ashman's D ≥ :data:`VIEW_MIN_SEPARATION`)."""
     lab = np.full(len(a), "top", object)
     if len(a) >= 20:
         r, mu, sd, pi = _gmm_1d(a)
-        sep = abs(mu[1] - mu[0]) * np.sqrt(2.0 / (sd[0] ** 2 + sd[1] ** 2))
-        if not (sep < VIEW_MIN_SEPARATION or pi.min() < 0.05):
-            return lab, r
+        if pi.min() >= 0.05:
+            if len(Z) >= 40:
+                two = _split_holds(Z, r[pos] > 0.5, n_iter)
+            else:
+                two = abs(mu[1] - mu[0]) * np.sqrt(2.0 / (sd[0] ** 2 + sd[1] ** 2)) >= VIEW_MIN_SEPARATION
+            if two:
+                return lab, r
     if np.median(a) > VIEW_SIDE_ASYMMETRY:
         lab[:] = "side"
     return lab, None
@@ -883,9 +930,11 @@ def classify_views(features: Sequence[np.ndarray], n_iter: int = 5) -> list[np.n
 
     1. The *asymmetry* (log energy in angular harmonics n ≥ 1 over the radial profile's) of all
        picks is modelled by a two-component Gaussian mixture.
-    2. Single mode → one class for every pick: when the two components are not separated
-       (Ashman's D < :data:`VIEW_MIN_SEPARATION` or the minor weight < 5 %), the dataset has one
-       view, ``top`` (round) unless its median asymmetry is above :data:`VIEW_SIDE_ASYMMETRY`.
+    2. Single mode → one class for every pick: when the mixture's minor weight is < 5 %, or
+       the split it seeds does not hold out of sample (a discriminant learnt on half the picks
+       leaves the other half in one mode, Ashman's D < :data:`VIEW_MIN_SEPARATION`; see
+       :func:`_split_holds`), the dataset has one view, ``top`` (round) unless its median
+       asymmetry is above :data:`VIEW_SIDE_ASYMMETRY`.
     3. Otherwise the mixture's labels seed a self-trained linear discriminant on all the
        descriptors (ridge-regularised Fisher LDA, standardised features); the discriminant's
        scores are split again by a two-component mixture, ``n_iter`` times.
@@ -895,17 +944,17 @@ def classify_views(features: Sequence[np.ndarray], n_iter: int = 5) -> list[np.n
         return [np.zeros(0, object) for _ in sizes]
     blocks = [np.asarray(f, np.float32).reshape(n, -1) for f, n in zip(features, sizes) if n]
     a = np.concatenate([_asymmetry(b.astype(np.float64)) for b in blocks])
-    lab, r = _asymmetry_classes(a)
+    # the discriminant is learnt on at most VIEW_FIT_MAX picks (a seeded subsample), so the
+    # memory of this reduction does not grow with the dataset; every pick is then scored
+    n_all = len(a)
+    fit = (np.sort(np.random.default_rng(0).choice(n_all, VIEW_FIT_MAX, replace=False))
+           if n_all > VIEW_FIT_MAX else np.arange(n_all))
+    X = np.concatenate(blocks)[fit].astype(np.float64) if n_all > VIEW_FIT_MAX else \
+        np.concatenate(blocks).astype(np.float64)
+    mean, std = X.mean(0), X.std(0) + 1e-12
+    Z = (X - mean) / std
+    lab, r = _asymmetry_classes(a, Z, fit, n_iter)
     if r is not None:
-        # the discriminant is learnt on at most VIEW_FIT_MAX picks (a seeded subsample), so the
-        # memory of this reduction does not grow with the dataset; every pick is then scored
-        n_all = len(a)
-        fit = (np.sort(np.random.default_rng(0).choice(n_all, VIEW_FIT_MAX, replace=False))
-               if n_all > VIEW_FIT_MAX else np.arange(n_all))
-        X = np.concatenate(blocks)[fit].astype(np.float64) if n_all > VIEW_FIT_MAX else \
-            np.concatenate(blocks).astype(np.float64)
-        mean, std = X.mean(0), X.std(0) + 1e-12
-        Z = (X - mean) / std
         w, y, _ = _self_trained_discriminant(Z, r[fit] > 0.5, n_iter)
         if w is None:
             y_all = r > 0.5
@@ -932,6 +981,36 @@ VIEW_MIN_SIDE_FRACTION = 0.1
 #: In a dataset with side views, a circle pick needs this relative edge strength or
 #: :data:`VIEW_MIN_DARKNESS` (robust z units) darkness.
 VIEW_MIN_RELATIVE_STRENGTH, VIEW_MIN_DARKNESS = 0.4, 1.5
+#: In a dataset with both views, a circle pick whose outline the circular Hough transform
+#: supports at least this much (``score``, fraction of the circle) is a top view, whatever the
+#: descriptor discriminant says: the method's own definition of a top view (a crowded
+#: neighbourhood can make a clean ring look asymmetric to the descriptors). On the simulated
+#: KLH-like sets ≤ 0.5 % of side views reach it.
+VIEW_TOP_SUPPORT = 0.8
+
+
+def _strong_circles_top(table: pd.DataFrame) -> pd.DataFrame:
+    """``table`` with :data:`VIEW_TOP_SUPPORT` circle picks set to ``"top"`` (for datasets that
+    have both views)."""
+    if not len(table) or not {"route", "score", "view"} <= set(table.columns):
+        return table
+    strong = (table["route"].to_numpy(object) == "circle") & (table["score"].to_numpy(float) >= VIEW_TOP_SUPPORT)
+    if not strong.any():
+        return table
+    table = table.copy()
+    view = table["view"].to_numpy(object).copy()
+    view[strong] = "top"
+    table["view"] = view
+    return table
+
+
+def _both_views(tables: Sequence[pd.DataFrame]) -> bool:
+    """Whether the accepted rows of ``tables`` hold top and side views."""
+    seen = set()
+    for t in tables:
+        if len(t):
+            seen |= set(t["view"].to_numpy(object)[t["accepted"].to_numpy(bool)].tolist())
+    return {"top", "side"} <= seen
 
 
 def _view_rows(candidates: pd.DataFrame) -> np.ndarray:
@@ -1006,7 +1085,7 @@ def dataset_views(candidates: Sequence[pd.DataFrame], features: Sequence[np.ndar
                 view = c["view"].to_numpy(object).copy()
                 view[np.nonzero(s)[0][k]] = lab
                 c["view"] = view
-    return out
+    return [_strong_circles_top(c) for c in out] if _both_views(out) else out
 
 
 def _gmm_upper(s: np.ndarray, mu, sd, pi) -> np.ndarray:
@@ -1029,15 +1108,15 @@ def _view_model(a: np.ndarray, X: np.ndarray, pos: np.ndarray, n_iter: int = 5):
     standardise a pick's descriptors, project on ``w`` and take the upper component of the
     score mixture ``gmm`` = (means, sds, weights) as side views; the model's side fraction on
     the subsample is under ``"side_fraction"``."""
-    lab, r = _asymmetry_classes(a)
+    X = np.asarray(X, np.float64).reshape(len(pos), -1)
+    mean, std = (X.mean(0), X.std(0) + 1e-12) if len(X) else (0.0, 1.0)
+    Z = (X - mean) / std
+    lab, r = _asymmetry_classes(a, Z, pos, n_iter)
     if r is None:
         return lab, None
     if len(X) < 2:  # nothing to fit a discriminant on: the asymmetry mixture's classes
         lab[r > 0.5] = "side"
         return lab, None
-    X = np.asarray(X, np.float64)
-    mean, std = X.mean(0), X.std(0) + 1e-12
-    Z = (X - mean) / std
     w, y, g = _self_trained_discriminant(Z, r[pos] > 0.5, n_iter)
     if w is None:
         lab[r > 0.5] = "side"
@@ -1149,7 +1228,10 @@ def fit_dataset_views(candidates: Sequence[pd.DataFrame], summaries: Sequence[tu
                     view[np.nonzero(s)[0][k]] = lab
                     c["view"] = view
     if labels is not None:
+        if _both_views(out):
+            out = [_strong_circles_top(c) for c in out]
         return [(c, None) for c in out]
+    # a discriminant model: the dataset has both views
     return [(c, (model, np.nonzero(s)[0], k) if len(c) and k.any() else None)
             for c, s, k in zip(out, sel, sets)]
 
@@ -1166,7 +1248,7 @@ def apply_dataset_views(fitted: tuple, features: np.ndarray) -> pd.DataFrame:
     view = table["view"].to_numpy(object).copy()
     view[rows[k]] = _apply_view_model(model, np.asarray(features)[k])
     table["view"] = view
-    return table
+    return _strong_circles_top(table)
 
 
 # --------------------------------------------------------------------------------------------
@@ -1295,7 +1377,7 @@ def _select_view_features(cands, packed, gated):
 
 
 #: Candidate-table columns the dataset-level view step reads and writes.
-_VIEW_COLUMNS = ["view", "accepted", "empty", "route", "relative_strength", "darkness"]
+_VIEW_COLUMNS = ["view", "accepted", "empty", "route", "relative_strength", "darkness", "score"]
 
 
 def _gate_reduce(infos, max_rows):

@@ -552,7 +552,9 @@ def _view_tables(n_img=6, per=200, seed=0):
         centres = np.array([[32.0, 32.0 + 64 * k] for k in range(per)])
         feats.append(PK.view_features(np.concatenate(imgs, 1), centres, 24))
         truth.append(np.where(side, "side", "top").astype(object))
-        tables.append(pd.DataFrame({"x": centres[:, 1], "y": centres[:, 0], "score": 1.0, "view": "top",
+        # circle support: clean rings are well-supported circles, rectangles are not
+        tables.append(pd.DataFrame({"x": centres[:, 1], "y": centres[:, 0], "score": np.where(side, 0.6, 0.9),
+                                    "view": "top",
                                     "accepted": True, "route": "circle", "relative_strength": 1.0,
                                     "darkness": 2.0, "empty": False, "reference_strength": 1.0}))
     return tables, feats, truth
@@ -582,3 +584,44 @@ def test_bounded_dataset_views_match_the_full_reduction():
     full = np.concatenate([t["view"].to_numpy(object) for t in full])
     assert (sub == full).mean() > 0.97
     assert (sub == truth).mean() > 0.95
+
+
+def test_strong_circles_are_top_views_only_when_the_dataset_has_both():
+    """A circle pick with Hough support ≥ VIEW_TOP_SUPPORT is a top view in a two-view dataset
+    (even if the descriptors disagree); a single-view (all side) dataset keeps its class."""
+    t = pd.DataFrame({"view": ["side", "side", "top", "side"], "accepted": True,
+                      "route": ["circle", "circle", "circle", "darkness"],
+                      "score": [0.85, 0.6, 0.95, 0.9]})
+    out = PK._strong_circles_top(t)
+    assert list(out["view"]) == ["top", "side", "top", "side"]
+    assert PK._both_views([t]) and not PK._both_views([t.assign(view="side")])
+    # two-view dataset end to end: a strong ring wrongly scored as side by the model comes back
+    tables, feats, truth = _view_tables(n_img=2, per=100)
+    tables[0].loc[0, "score"] = 0.95  # make the first pick a strong circle whatever it is
+    full = PK.dataset_views(tables, feats)
+    assert full[0]["view"].iloc[0] == "top"
+    # all-side dataset (single mode): strong circles are not turned into top views
+    side_only = [t.assign(view="side") for t in tables]
+    kept = PK._strong_circles_top(side_only[0]) if PK._both_views(side_only) else side_only[0]
+    assert (kept["view"] == "side").all()
+
+
+def test_view_split_must_hold_out_of_sample():
+    """Two views (rings + rectangles) give a split that holds on held-out picks; one view
+    (rings only, or rectangles only) does not, although a discriminant with hundreds of
+    descriptors separates it in-sample — so single-view datasets keep one class."""
+    tables, feats, truth = _view_tables(n_img=3, per=200, seed=1)
+    X = np.concatenate(feats).astype(np.float64)
+    y = np.concatenate(truth) == "side"
+    Z = (X - X.mean(0)) / (X.std(0) + 1e-12)
+    a = PK._asymmetry(X)
+    seed = PK._gmm_1d(a)[0] > 0.5
+    assert PK._split_holds(Z, seed, 5)
+    for one in (~y, y):
+        z1 = (X[one] - X[one].mean(0)) / (X[one].std(0) + 1e-12)
+        s1 = PK._gmm_1d(a[one])[0] > 0.5
+        w, _, _ = PK._self_trained_discriminant(z1, s1, 5)
+        assert PK._ashman_d(z1 @ w)[0] > 2.0  # in-sample: looks separable
+        assert not PK._split_holds(z1, s1, 5)  # held out: one mode
+    labels = np.concatenate(PK.classify_views([f[t == "top"] for f, t in zip(feats, truth)]))
+    assert (labels == "top").all()
