@@ -46,10 +46,14 @@ def measure(sim: Path, out: Path, workers: int, stages: list[str]) -> dict:
     ccfg = ClusterConfig(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0")
     with client_for(ccfg, announce=lambda m: None) as client:
         client.wait_for_workers(workers)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         rep = run_pipeline(cfg, None)
-        seconds = time.perf_counter() - t0
+        seconds, driver_cpu = time.perf_counter() - t0, time.process_time() - c0
+        worker_cpu = client.run(time.process_time)
     return {"workers": workers, "seconds": round(seconds, 1), "stage_seconds": rep["timings_s"],
+            # CPU seconds of this process (the driver and, in a LocalCluster, the scheduler) and of
+            # each worker process since it started: the driver shares the cores with the workers
+            "driver_cpu_s": round(driver_cpu, 1), "worker_cpu_s": [round(v, 1) for v in worker_cpu.values()],
             "n_micrographs": rep["stages"]["ingest"]["n_micrographs"],
             "n_particles": rep["stages"].get("extract", {}).get("n_particles"),
             "micrographs_per_s": round(rep["stages"]["ingest"]["n_micrographs"] / seconds, 3)}

@@ -57,7 +57,7 @@ import torch
 import torch.nn.functional as F
 
 from .select import (FEATURES, REASONS, SelectionThresholds, cluster_masks, features_graph, measure_objects,
-                     preprocess_particles, render_masks, select_particles, selection_columns, star_inputs,
+                     masks_graph, preprocess_particles, render_masks, select_particles, selection_columns, star_inputs,
                      work_box_for, write_gallery)
 
 __all__ = [
@@ -860,7 +860,9 @@ def align2d_star(star_in: str | Path, out_dir: str | Path, *, view: str = "auto"
     align_lp = max(diameter_A / 8.0, 2.5 * apix * scale)
     dfc = None if defocus is None else da.from_array(defocus, chunks=(chunks, 3))
     aligned_pre = apply_graph(_work_graph(images, apix, box, align_lp, dfc, optics), params)
-    masks = da.from_array(render_masks(feats, box).astype(np.float32), chunks=(chunks, box, box))
+    # the masks are rendered per chunk on the workers from the (small) feature table, never on
+    # the driver: n·box² floats would be shipped inside the graph
+    masks = masks_graph(da.from_array(feats, chunks=(chunks, -1)), box).astype(np.float32)
     amask = apply_graph(masks, params) > 0.5  # upright rectangles / centred discs
     data = {"aligned": (("particle", "y", "x"), aligned),
             "aligned_preprocessed": (("particle", "y", "x"), aligned_pre),
