@@ -860,8 +860,8 @@ def _ashman_d(s: np.ndarray) -> tuple[float, float]:
 
 
 def _split_holds(Z: np.ndarray, y: np.ndarray, n_iter: int) -> bool:
-    """Whether the two view classes seeded by ``y`` (m,) on the standardised descriptors ``Z``
-    (m, F) are real: a :func:`_self_trained_discriminant` learnt on one random half of the
+    """Whether the two view classes seeded by ``y`` (m,) on the descriptors ``Z`` (m, F; each
+    fold is standardised on its training half) are real: a :func:`_self_trained_discriminant` learnt on one random half of the
     picks must split the *other* half into two modes (Ashman's D ≥ :data:`VIEW_MIN_SEPARATION`
     on the held-out scores, averaged over the two folds, minor weight ≥ 5 %). In-sample, a
     discriminant with hundreds of descriptors separates any population (D 4–5 on a single
@@ -871,6 +871,7 @@ def _split_holds(Z: np.ndarray, y: np.ndarray, n_iter: int) -> bool:
     if len(Z) > VIEW_SPLIT_TEST_MAX:
         sub = np.sort(np.random.default_rng(1).choice(len(Z), VIEW_SPLIT_TEST_MAX, replace=False))
         Z, y = Z[sub], y[sub]
+    Z = np.asarray(Z, np.float64)
     half = np.random.default_rng(0).random(len(Z)) < 0.5
     ds = []
     for train in (half, ~half):
@@ -890,8 +891,8 @@ def _split_holds(Z: np.ndarray, y: np.ndarray, n_iter: int) -> bool:
 
 def _asymmetry_classes(a: np.ndarray, Z: np.ndarray, pos: np.ndarray, n_iter: int):
     """Steps 1–2 of :func:`classify_views`: ``(labels, responsibilities)``. ``a``: (n,)
-    asymmetries of all picks; ``Z``: (m, F) standardised descriptors of the picks at positions
-    ``pos`` (m,) in ``a`` (all of them or a subsample). One mode (or fewer than 20 picks) → every
+    asymmetries of all picks; ``Z``: (m, F) descriptors (raw or standardised) of the picks at
+    positions ``pos`` (m,) in ``a`` (all of them or a subsample). One mode (or fewer than 20 picks) → every
     pick one class and ``None``; two modes → all ``"top"`` and the asymmetry mixture's
     responsibility of the upper (side) component per pick, to seed the discriminant.
 
@@ -957,12 +958,13 @@ def classify_views(features: Sequence[np.ndarray], n_iter: int = 5) -> list[np.n
     n_all = len(a)
     fit = (np.sort(np.random.default_rng(0).choice(n_all, VIEW_FIT_MAX, replace=False))
            if n_all > VIEW_FIT_MAX else np.arange(n_all))
-    X = np.concatenate(blocks)[fit].astype(np.float64) if n_all > VIEW_FIT_MAX else \
-        np.concatenate(blocks).astype(np.float64)
-    mean, std = X.mean(0), X.std(0) + 1e-12
-    Z = (X - mean) / std
-    lab, r = _asymmetry_classes(a, Z, fit, n_iter)
+    X = np.concatenate(blocks)[fit] if n_all > VIEW_FIT_MAX else np.concatenate(blocks)
+    lab, r = _asymmetry_classes(a, X, fit, n_iter)
     if r is not None:
+        X = X.astype(np.float64)
+        mean, std = X.mean(0), X.std(0) + 1e-12
+        Z = (X - mean) / std
+        del X
         w, y, _ = _self_trained_discriminant(Z, r[fit] > 0.5, n_iter)
         if w is None:
             y_all = r > 0.5
@@ -1118,15 +1120,17 @@ def _view_model(a: np.ndarray, X: np.ndarray, pos: np.ndarray, n_iter: int = 5):
     standardise a pick's descriptors, project on ``w`` and take the upper component of the
     score mixture ``gmm`` = (means, sds, weights) as side views; the model's side fraction on
     the subsample is under ``"side_fraction"``."""
-    X = np.asarray(X, np.float64).reshape(len(pos), -1)
-    mean, std = (X.mean(0), X.std(0) + 1e-12) if len(X) else (0.0, 1.0)
-    Z = (X - mean) / std
-    lab, r = _asymmetry_classes(a, Z, pos, n_iter)
+    X = np.asarray(X).reshape(len(pos), -1)
+    lab, r = _asymmetry_classes(a, X, pos, n_iter)
     if r is None:
         return lab, None
     if len(X) < 2:  # nothing to fit a discriminant on: the asymmetry mixture's classes
         lab[r > 0.5] = "side"
         return lab, None
+    X = X.astype(np.float64)
+    mean, std = X.mean(0), X.std(0) + 1e-12
+    Z = (X - mean) / std
+    del X
     w, y, g = _self_trained_discriminant(Z, r[pos] > 0.5, n_iter)
     if w is None:
         lab[r > 0.5] = "side"
