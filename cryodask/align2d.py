@@ -56,6 +56,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .model import PARTICLE_CHUNK
 from .select import (FEATURES, REASONS, SelectionThresholds, cluster_masks, features_graph, measure_objects,
                      masks_graph, preprocess_particles, render_masks, select_particles, selection_columns, star_inputs,
                      work_box_for, write_gallery)
@@ -807,7 +808,7 @@ def side_alignment_graph(images: da.Array, features: np.ndarray, selected: np.nd
 
 
 def align2d_star(star_in: str | Path, out_dir: str | Path, *, view: str = "auto", variant: str = DEFAULT_VARIANT,
-                 diameter_A: float | None = None, work_box: int = 64, chunk: int = 2048,
+                 diameter_A: float | None = None, work_box: int = 64, chunk: int = PARTICLE_CHUNK,
                  thresholds: SelectionThresholds | None = None) -> dict:
     """``cryodask align2d``: masks, selection and 2D alignment of a RELION particle STAR.
 

@@ -52,6 +52,7 @@ import torch
 from scipy import ndimage as ndi
 
 from .ctf import frequency_grid_rfft
+from .model import PARTICLE_CHUNK
 
 __all__ = [
     "FEATURES",
@@ -852,7 +853,7 @@ def star_inputs(star_in, chunk: int):
 
 
 def select_star(star_in: str | Path, out_dir: str | Path, *, view: str = "auto", diameter_A: float | None = None,
-                thresholds: SelectionThresholds | None = None, work_box: int = 64, chunk: int = 2048) -> dict:
+                thresholds: SelectionThresholds | None = None, work_box: int = 64, chunk: int = PARTICLE_CHUNK) -> dict:
     """``cryodask select``: perfect masks and good/bad selection for a RELION particle STAR.
 
     Writes into ``out_dir``: ``particles_selected.star`` (every particle, with ``cdSelected``

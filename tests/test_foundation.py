@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from cryodask.cli import main
-from cryodask.model import micrograph_dataset, microscope_attrs, open_group, particle_dataset, provenance, write_group
+from cryodask.model import PARTICLE_CHUNK, micrograph_dataset, microscope_attrs, open_group, particle_dataset, provenance, write_group
 
 
 def _no_compute(*args, **kwargs):
@@ -37,7 +37,7 @@ def test_store_roundtrip_keeps_attrs_chunks_and_strings(tmp_path):
     ds = particle_dataset(imgs, t, {**microscope_attrs(1.5, 200, 2.0, 0.07), **provenance("test", {"a": 1}, "x.star")})
     write_group(ds, tmp_path / "s.zarr", "particles")
     back = open_group(tmp_path / "s.zarr", "particles")
-    assert back["image"].chunks[0][0] == 2048  # particles in chunks of ~2k
+    assert back["image"].chunks[0][0] == PARTICLE_CHUNK == 1024  # particles in chunks of 1k (input chunks were 1000)
     assert back.attrs["pixel_size"] == 1.5 and back.attrs["voltage"] == 200 and back.attrs["cs"] == 2.0
     assert json.loads(back.attrs["parameters"]) == {"a": 1} and back.attrs["stage"] == "test"
     assert list(back["cdViewClass"].values[:2]) == ["top", "side"]
