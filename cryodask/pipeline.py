@@ -417,7 +417,10 @@ def _stage_refine(ctx: Context) -> dict[str, Any]:
         "ctf_corrected": "rlnDefocusU" in table, "fast": bool(params.get("fast", False)),
         "initial_model": init_summary, "global_max_shift_px": settings.global_max_shift,
         "resolution_half_maps_A": res,
-        "iterations": len(result.get("history", [])), "seconds": result.get("seconds"),
+        "iterations": len(result.get("history", [])), "final_iteration": result.get("final_iteration"),
+        "defocus_refinement": [h["defocus_refinement"] for h in result.get("history", [])
+                               if "defocus_refinement" in h],
+        "seconds": result.get("seconds"),
         "map": str(ctx.out / "map.mrc"), "star": str(ctx.out / "particles.star")}
     log.info("refine: %d particles, initial model %s, half-map FSC0.143 %.2f Å (FSC0.5 %.2f Å)",
              len(table), init_summary.get("kind"), res["fsc0.143"], res["fsc0.5"])
