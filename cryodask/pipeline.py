@@ -505,8 +505,15 @@ def _evaluate_map_truth(ctx: Context, result: dict, images: np.ndarray, table: p
     subsets = random_subsets(len(idx), cfg.seed)
     optics = _Optics(cfg.voltage, cfg.cs, cfg.amplitude_contrast)
     ctf_sets = {"true_ctf": poses[["rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle"]].to_numpy()}
-    if "rlnDefocusU" in t:
-        ctf_sets["refine_ctf"] = t.loc[idx, ["rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle"]].to_numpy(float)
+    dcols = ["rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle"]
+    refined = result.get("table")
+    if "rlnDefocusU" in t and refined is not None and "rlnDefocusU" in refined and len(refined) == len(t):
+        # the known-pose twin uses the CTF the final map used (defocus refined against the half
+        # maps); the spectrum estimate the refinement started from is reported beside it
+        ctf_sets["refine_ctf"] = refined.reset_index(drop=True).loc[idx, dcols].to_numpy(float)
+        ctf_sets["input_ctf"] = t.loc[idx, dcols].to_numpy(float)
+    elif "rlnDefocusU" in t:
+        ctf_sets["refine_ctf"] = t.loc[idx, dcols].to_numpy(float)
     else:
         ctf_sets["refine_ctf"] = None  # the refinement had no CTF: neither has its known-pose twin
     curves = {"refined (superposed) vs truth": ev["curve"]}
@@ -518,7 +525,7 @@ def _evaluate_map_truth(ctx: Context, result: dict, images: np.ndarray, table: p
                            symmetry=cfg.symmetry) for h in (1, 2)]
         known = gold_standard(accs[0], accs[1], apix)
         kev = evaluate_map(known.map, truth_vol, apix, symmetry=cfg.symmetry, align=False)
-        tag = "" if name == "refine_ctf" else "_true_ctf"
+        tag = {"refine_ctf": "", "true_ctf": "_true_ctf", "input_ctf": "_input_ctf"}[name]
         out[f"known_pose{tag}_fsc_vs_truth_0.143_A"] = kev["fsc_vs_truth_0.143_A"]
         out[f"known_pose{tag}_fsc_vs_truth_0.5_A"] = kev["fsc_vs_truth_0.5_A"]
         curves[f"known poses ({name.replace('_', ' ')}) vs truth"] = kev["curve"]
