@@ -859,6 +859,13 @@ def _ashman_d(s: np.ndarray) -> tuple[float, float]:
     return float(abs(mu[1] - mu[0]) * np.sqrt(2.0 / (sd[0] ** 2 + sd[1] ** 2))), float(pi.min())
 
 
+def _standardise(X: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(m, F) descriptors → (standardised float64 copy, column means, column sds + 1e-12)."""
+    X = np.asarray(X, np.float64)
+    mean, std = X.mean(0), X.std(0) + 1e-12
+    return (X - mean) / std, mean, std
+
+
 def _split_holds(Z: np.ndarray, y: np.ndarray, n_iter: int) -> bool:
     """Whether the two view classes seeded by ``y`` (m,) on the descriptors ``Z`` (m, F; each
     fold is standardised on its training half) are real: a :func:`_self_trained_discriminant` learnt on one random half of the
@@ -877,9 +884,8 @@ def _split_holds(Z: np.ndarray, y: np.ndarray, n_iter: int) -> bool:
     for train in (half, ~half):
         if train.sum() < 20 or (~train).sum() < 20:
             return False
-        zt = Z[train]
-        m, sd = zt.mean(0), zt.std(0) + 1e-12
-        w, _, _ = _self_trained_discriminant((zt - m) / sd, y[train], n_iter)
+        zt, m, sd = _standardise(Z[train])
+        w, _, _ = _self_trained_discriminant(zt, y[train], n_iter)
         if w is None:
             return False
         d, minor = _ashman_d(((Z[~train] - m) / sd) @ w)
@@ -961,10 +967,7 @@ def classify_views(features: Sequence[np.ndarray], n_iter: int = 5) -> list[np.n
     X = np.concatenate(blocks)[fit] if n_all > VIEW_FIT_MAX else np.concatenate(blocks)
     lab, r = _asymmetry_classes(a, X, fit, n_iter)
     if r is not None:
-        X = X.astype(np.float64)
-        mean, std = X.mean(0), X.std(0) + 1e-12
-        Z = (X - mean) / std
-        del X
+        Z, mean, std = _standardise(X)
         w, y, _ = _self_trained_discriminant(Z, r[fit] > 0.5, n_iter)
         if w is None:
             y_all = r > 0.5
@@ -1127,10 +1130,7 @@ def _view_model(a: np.ndarray, X: np.ndarray, pos: np.ndarray, n_iter: int = 5):
     if len(X) < 2:  # nothing to fit a discriminant on: the asymmetry mixture's classes
         lab[r > 0.5] = "side"
         return lab, None
-    X = X.astype(np.float64)
-    mean, std = X.mean(0), X.std(0) + 1e-12
-    Z = (X - mean) / std
-    del X
+    Z, mean, std = _standardise(X)
     w, y, g = _self_trained_discriminant(Z, r[pos] > 0.5, n_iter)
     if w is None:
         lab[r > 0.5] = "side"
