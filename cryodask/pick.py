@@ -40,6 +40,7 @@ need no per-dataset tuning. Output coordinates are pixels of the *original* micr
 """
 from __future__ import annotations
 
+import functools
 from typing import Mapping, Sequence
 
 import cv2
@@ -861,9 +862,11 @@ def _ashman_d(s: np.ndarray) -> tuple[float, float]:
 
 def _standardise(X: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(m, F) descriptors → (standardised float64 copy, column means, column sds + 1e-12)."""
-    X = np.asarray(X, np.float64)
-    mean, std = X.mean(0), X.std(0) + 1e-12
-    return (X - mean) / std, mean, std
+    Z = np.array(X, np.float64)  # a copy, standardised in place: one (m, F) float64 array at a time
+    mean, std = Z.mean(0), Z.std(0) + 1e-12
+    Z -= mean
+    Z /= std
+    return Z, mean, std
 
 
 def _split_holds(Z: np.ndarray, y: np.ndarray, n_iter: int) -> bool:
@@ -928,13 +931,30 @@ def _self_trained_discriminant(Z: np.ndarray, y: np.ndarray, n_iter: int):
     for _ in range(n_iter):
         if y.all() or not y.any():
             break
-        m0, m1 = Z[~y].mean(0), Z[y].mean(0)
-        sw = np.cov(Z[~y].T) if (~y).sum() > 1 else 0.0
-        sw = sw + (np.cov(Z[y].T) if y.sum() > 1 else 0.0) + np.eye(Z.shape[1])
+        z = Z[~y]  # one class's rows at a time (a copy each), their covariance in place
+        m0 = z.mean(0)
+        sw = _cov_in_place(z) if len(z) > 1 else 0.0
+        z = Z[y]
+        m1 = z.mean(0)
+        c1 = _cov_in_place(z) if len(z) > 1 else 0.0
+        del z
+        sw = sw + c1 + np.eye(Z.shape[1])
         w = np.linalg.solve(sw, m1 - m0)
         rr, gm, gs, gp = _gmm_1d(Z @ w)
         y, g = rr > 0.5, (gm, gs, gp)
     return w, y, g
+
+
+def _cov_in_place(a: np.ndarray) -> np.ndarray:
+    """``np.cov(a.T)`` (covariance of the F columns of the (m, F) float64 array ``a``) with
+    the same arithmetic on the same memory layout as NumPy's, but without its copy of ``a``:
+    ``a`` is centred in place (overwritten)."""
+    x = a.T  # np.cov's (F, m) copy of a.T keeps a's memory layout
+    avg = x.mean(axis=1)
+    x -= avg[:, None]
+    c = np.dot(x, x.T)
+    c *= np.true_divide(1, x.shape[1] - 1)
+    return c.squeeze()
 
 
 def classify_views(features: Sequence[np.ndarray], n_iter: int = 5) -> list[np.ndarray]:
@@ -1201,12 +1221,17 @@ def fit_dataset_views(candidates: Sequence[pd.DataFrame], summaries: Sequence[tu
         """(labels per micrograph or None, model) for the view rows selected by ``sets``."""
         a = np.concatenate([sm[0][k] for sm, k in zip(summaries, sets)])
         off = np.cumsum([0] + [int(k.sum()) for k in sets])
-        X, pos = [], []
-        for i, (sm, k) in enumerate(zip(summaries, sets)):
-            inset = k[sm[1]]
-            X.append(sm[2][inset])
+        insets = [k[sm[1]] for sm, k in zip(summaries, sets)]
+        # the chosen descriptors, copied straight into one array (no per-micrograph copies)
+        X = np.empty((sum(int(s.sum()) for s in insets),) + summaries[0][2].shape[1:], np.float32) \
+            if summaries else np.zeros((0, 0), np.float32)
+        pos, at = [], 0
+        for i, (sm, k, inset) in enumerate(zip(summaries, sets, insets)):
+            m = int(inset.sum())
+            X[at:at + m] = sm[2][inset]
+            at += m
             pos.append(off[i] + (np.cumsum(k) - 1)[sm[1][inset]])
-        lab, model = _view_model(a, np.concatenate(X), np.concatenate(pos).astype(int))
+        lab, model = _view_model(a, X, np.concatenate(pos).astype(int))
         return (None if lab is None else np.split(lab, off[1:-1])), model
 
     acc = [c["accepted"].to_numpy(bool)[s] if len(c) else np.zeros(0, bool) for c, s in zip(candidates, sel)]
@@ -1272,11 +1297,19 @@ def apply_dataset_views(fitted: tuple, features: np.ndarray) -> pd.DataFrame:
 
 def pick_graph(micrographs, names: Sequence[str], pixel_size: float, diameter: float, method: str = "ibc", *,
                steps=None, preprocess_params: Mapping | None = None, pick_params: Mapping | None = None,
-               model=None, train_params: Mapping | None = None):
+               model=None, train_params: Mapping | None = None, preprocessed=None):
     """Lazy picking of a stack of micrographs: one ``dask.delayed`` DataFrame per micrograph.
 
     ``micrographs``: dask array ``(n, ny, nx)`` (one chunk per micrograph after rechunking);
     ``names``: n micrograph names; ``pixel_size`` Å/px, ``diameter`` Å.
+
+    ``preprocessed``: optional dask array ``(n, ny', nx')`` of the same micrographs already
+    preprocessed (e.g. the ``preprocessed`` group that ``cryodask run`` stores, possibly
+    binned): picking then reads it instead of preprocessing again (``steps`` and
+    ``preprocess_params`` are ignored, and ``micrographs`` only gives the original shape
+    ``(ny, nx)`` that coordinates are mapped back to; its data are not read). Its blocks must be
+    cheap to read again: after the dataset-level steps each micrograph re-reads its block to
+    recompute its view descriptors instead of keeping them in memory.
 
     - ``method="ibc"``: :func:`~cryodask.preprocess.preprocess_graph` (``steps``,
       ``preprocess_params``) → :func:`pick_ibc` (``pick_params``) per micrograph.
@@ -1301,9 +1334,18 @@ def pick_graph(micrographs, names: Sequence[str], pixel_size: float, diameter: f
     if method not in ("ibc", "deep"):
         raise ValueError("method must be 'ibc' or 'deep'")
     n, ny, nx = micrographs.shape
-    pp = dict(preprocess_params or {})
-    pp.setdefault("binning", picking_binning(pixel_size, diameter, pp.get("target_diameter_px", TARGET_DIAMETER_PX)))
-    pre = preprocess_graph(micrographs, pixel_size, diameter, steps or DEFAULT_STEPS, **pp)
+    reread = preprocessed is not None
+    if reread:
+        pre = preprocessed
+        if pre.ndim != 3 or pre.shape[0] != n:
+            raise ValueError(f"preprocessed must be (n, ny', nx') with n = {n}, got {pre.shape}")
+        if pre.chunks[1] != (pre.shape[1],) or pre.chunks[2] != (pre.shape[2],) or any(c != 1 for c in pre.chunks[0]):
+            pre = pre.rechunk((1,) + pre.shape[1:])
+    else:
+        pp = dict(preprocess_params or {})
+        pp.setdefault("binning", picking_binning(pixel_size, diameter,
+                                                 pp.get("target_diameter_px", TARGET_DIAMETER_PX)))
+        pre = preprocess_graph(micrographs, pixel_size, diameter, steps or DEFAULT_STEPS, **pp)
     blocks = pre.to_delayed().ravel()
     kw = dict(pick_params or {})
     kw.pop("return_candidates", None)
@@ -1314,26 +1356,36 @@ def pick_graph(micrographs, names: Sequence[str], pixel_size: float, diameter: f
     # can take part in the dataset-level views, so the dataset-wide steps below only gather small
     # tables and no micrograph stays in memory while they wait for the others
     quota = -(-VIEW_FIT_MAX // max(1, n))  # float32 descriptors each micrograph keeps for the fit
+    geo = (pixel_size, diameter, (ny, nx))
     both = [dask.delayed(_candidates_and_features_block, pure=True, nout=3)(
-        blk, pixel_size, diameter, (ny, nx), kw, quota, dask_key_name=f"ibc-candidates-{name}-{tok}")
+        blk, pixel_size, diameter, (ny, nx), kw, quota, slim=method == "ibc", keep_f16=not reread,
+        dask_key_name=f"ibc-candidates-{name}-{tok}")
         for name, blk in zip(names, blocks)]
-    # map → bounded reduce → map. Each micrograph keeps its candidate table, the asymmetries of its
-    # view rows, their descriptors in float16 (~1.3 kB a pick) and float32 descriptors of at most
-    # ceil(VIEW_FIT_MAX / n) of them. The dataset gate gets one reference strength and row count
-    # per micrograph; the view fit gets the view rows' few table columns, the asymmetries and those
-    # float32 rows (every row when the dataset has at most VIEW_FIT_MAX: then it is exactly
-    # dataset_gate + dataset_views) and returns a small model that each micrograph applies to its
-    # own descriptors and table.
+    # map → bounded reduce → map. Until the dataset-wide steps have seen every micrograph, each
+    # micrograph keeps only what they need of it: (ibc) the rows of its candidate table that can
+    # take part in the views (the only ones that can be accepted) with the columns read after the
+    # fit, the asymmetries of those rows and float32 descriptors of at most ceil(VIEW_FIT_MAX / n)
+    # of them; and, when its preprocessed block cannot be re-read cheaply (preprocessed in this
+    # graph), their descriptors in float16 (~1.3 kB a row). The dataset gate gets one reference
+    # strength and row count per micrograph; the view fit gets the view rows' few table columns,
+    # the asymmetries and those float32 rows (every row when the dataset has at most VIEW_FIT_MAX:
+    # then it is exactly dataset_gate + dataset_views) and returns a small model that each
+    # micrograph applies to its own descriptors and table. With ``preprocessed`` the descriptors
+    # are recomputed (identically) from a re-read of the block, after the gate (all of them go
+    # to the fit) or after the fit (the model is applied): those reads are bound to run after
+    # the dataset-wide step, so they do not pile up while it waits.
     gate = dask.delayed(_gate_reduce, pure=True)([b[2] for b in both], VIEW_FIT_MAX,
                                                  dask_key_name=f"ibc-dataset-gate-{tok}")
-    parts = [dask.delayed(_view_parts, pure=True, nout=2)(b[0], b[1], gate, i,
+    after_gate = _blocks_after(pre, gate, f"after-gate-{tok}") if reread else [None] * n
+    parts = [dask.delayed(_view_parts, pure=True, nout=2)(b[0], b[1], gate, i, blk, geo, quota,
                                                           dask_key_name=f"view-features-{name}-{tok}")
-             for i, (name, b) in enumerate(zip(names, both))]
+             for i, (name, b, blk) in enumerate(zip(names, both, after_gate))]
     fitted = dask.delayed(_fit_views_block, pure=True, nout=len(names))([p[0] for p in parts],
                                                                          dask_key_name=f"ibc-dataset-views-{tok}")
-    viewed = [dask.delayed(_apply_views_block, pure=True)(fitted[i], parts[i][1], b[0], gate, i,
+    after_fit = _blocks_after(pre, fitted, f"after-fit-{tok}") if reread else [None] * n
+    viewed = [dask.delayed(_apply_views_block, pure=True)(fitted[i], parts[i][1], b[0], gate, i, blk, geo,
                                                           dask_key_name=f"ibc-views-{name}-{tok}")
-              for i, (name, b) in enumerate(zip(names, both))]
+              for i, (name, b, blk) in enumerate(zip(names, both, after_fit))]
     cands = {name: viewed[i] for i, name in enumerate(names)}
     if method == "ibc":
         return {name: dask.delayed(accepted_picks, pure=True)(cands[name], dask_key_name=f"pick-ibc-{name}-{tok}")
@@ -1342,16 +1394,31 @@ def pick_graph(micrographs, names: Sequence[str], pixel_size: float, diameter: f
 
     tp = dict(train_params or {})
     tok = dask.base.tokenize(tok, tp, model)
-    if model is None:
+    train = model is None
+    if train:
+        patch_blocks = _blocks_after(pre, fitted, f"patches-{tok}") if reread else blocks
         pieces = [dask.delayed(_patch_block, pure=True)(blk, cands[name], pixel_size, diameter, (ny, nx), tp,
                                                          dask_key_name=f"training-patches-{name}-{tok}")
-                  for name, blk in zip(names, blocks)]
+                  for name, blk in zip(names, patch_blocks)]
         model = dask.delayed(pdp._train_from_pieces, pure=True)(pieces, tp, dask_key_name=f"train-picker-{tok}")
+    if reread:  # read again once the network is there (or after the view fit, with a given network)
+        after = model if train or dask.is_dask_collection(model) else fitted
+        blocks = _blocks_after(pre, after, f"deep-{tok}")
     out = {name: dask.delayed(_deep_block, pure=True)(model, blk, cands[name], pixel_size, diameter, (ny, nx), tp,
                                                        dask_key_name=f"pick-deep-{name}-{tok}")
            for name, blk in zip(names, blocks)}
     out["__model__"] = model
     return out
+
+
+def _blocks_after(arr, parent, seed: str) -> list:
+    """One ``Delayed`` per block of the dask array ``arr`` (one chunk per micrograph), read again
+    (new task keys, so the blocks already read are not kept for these) only once ``parent`` is
+    computed: re-reads scheduled after a dataset-wide step do not pile up while it waits."""
+    from dask.graph_manipulation import bind
+
+    # not optimised: array fusion would copy the parent's tasks into the blocks' graph
+    return list(bind(arr, parent, seed=seed).to_delayed(optimize_graph=False).ravel())
 
 
 def accepted_picks(candidates: pd.DataFrame) -> pd.DataFrame:
@@ -1368,13 +1435,67 @@ def _candidates_block(block, pixel_size, diameter, original_shape, kw):
                     return_candidates=True, **kw)
 
 
-def _candidates_and_features_block(block, pixel_size, diameter, original_shape, kw, quota=None):
+def _candidates_and_features_block(block, pixel_size, diameter, original_shape, kw, quota=None, *, slim=False,
+                                   keep_f16=True):
     """Candidates of one micrograph, the :func:`pack_view_features` of its rows that may take
     part in the dataset-level views (:func:`_view_rows` before the dataset gate, a superset of
-    those after it: the gate only rejects) and (reference strength, number of those rows)."""
+    those after it: the gate only rejects) and (reference strength, number of those rows).
+
+    ``slim``: return only those rows of the candidate table, with the columns read after the
+    dataset-level steps (:func:`_slim_candidates`; the picks are the same). ``keep_f16=False``:
+    leave out the float16 descriptors (``None`` in their place); they are then recomputed from
+    the block after the dataset-level steps."""
     cands = _candidates_block(block, pixel_size, diameter, original_shape, kw)
     packed = pack_view_features(_view_features_block(block, cands, pixel_size, diameter, original_shape), quota)
-    return cands, packed, (_reference_strength(cands), len(packed[0]))
+    info = (_reference_strength(cands), len(packed[0]))
+    if not keep_f16 and len(packed[0]):
+        packed = (packed[0], None, packed[2], packed[3])
+    out = (_slim_candidates(cands) if slim else cands), packed, info
+    del cands
+    _release_freed_memory()
+    return out
+
+
+def _release_freed_memory() -> None:
+    """Hand the heap memory that this process has freed back to the operating system (glibc's
+    ``malloc_trim``; nothing elsewhere). Picking one micrograph allocates and frees tens of MB
+    of temporaries while the small results of the micrographs before it wait in memory for the
+    dataset-wide steps; glibc keeps the freed pages in between, so without this a worker's
+    resident memory grows with the number of micrographs it has picked."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.lru_cache(maxsize=1)
+def _malloc_trim():
+    """glibc's ``malloc_trim`` (ctypes), or None where there is none."""
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc (e.g. musl)
+        return None
+
+
+#: Candidate-table columns an IBC micrograph keeps until its picks are final (the picks'
+#: columns, those the dataset-level view step reads and writes, and the picking-scale centre).
+_SLIM_COLUMNS = ["x", "y", "score", "view", "accepted", "empty", "route", "relative_strength", "darkness",
+                 "row", "col"]
+
+
+def _slim_candidates(cands: pd.DataFrame) -> pd.DataFrame:
+    """The rows of a ``pick_ibc(..., return_candidates=True)`` table that can end up accepted —
+    its :func:`_view_rows` (every accepted row and the darkness-map side candidates; the
+    dataset-level steps change ``view``/``accepted`` only there) — with :data:`_SLIM_COLUMNS`,
+    in table order: :func:`accepted_picks` after the dataset-level steps is the same as for the
+    whole table, and the view rows of the slim table are all its rows."""
+    if not len(cands):
+        return cands
+    return cands.loc[_view_rows(cands), [c for c in _SLIM_COLUMNS if c in cands]].reset_index(drop=True)
 
 
 def _select_view_features(cands, packed, gated):
@@ -1387,7 +1508,7 @@ def _select_view_features(cands, packed, gated):
         return packed
     asym, f16, idx, x32 = packed
     inset = keep[idx]
-    return asym[keep], f16[keep], (np.cumsum(keep) - 1)[idx[inset]], x32[inset]
+    return asym[keep], None if f16 is None else f16[keep], (np.cumsum(keep) - 1)[idx[inset]], x32[inset]
 
 
 #: Candidate-table columns the dataset-level view step reads and writes.
@@ -1401,24 +1522,38 @@ def _gate_reduce(infos, max_rows):
     return flags, sum(k for (_, k), f in zip(infos, flags) if not f) <= max_rows
 
 
-def _view_parts(cands, packed, gate, i):
+def _view_parts(cands, packed, gate, i, block=None, geo=None, quota=None):
     """((view rows of the gated table with :data:`_VIEW_COLUMNS`, :func:`view_summary`),
-    float16 descriptors) of micrograph ``i``: all the dataset-level view step needs of it."""
+    float16 descriptors or ``None``) of micrograph ``i``: all the dataset-level view step needs
+    of it. When ``packed`` has no float16 descriptors and every descriptor goes to the fit, they
+    are recomputed from ``block`` (the micrograph's preprocessed block; ``geo`` = (pixel size Å,
+    diameter Å, original shape), ``quota`` as for :func:`pack_view_features`): the same values."""
     flags, fit_all = gate
     gated = _gated(cands, flags[i])
+    recompute = packed[1] is None
+    if recompute and fit_all:
+        packed = pack_view_features(_view_features_block(block, cands, *geo), quota)
     packed = _select_view_features(cands, packed, gated)
     mini = gated.loc[_view_rows(gated), [c for c in _VIEW_COLUMNS if c in gated]].reset_index(drop=True) \
         if len(gated) else gated
-    return (mini, view_summary(packed, fit_all)), packed[1]
+    return (mini, view_summary(packed, fit_all)), None if recompute else packed[1]
 
 
 def _fit_views_block(parts):
-    return fit_dataset_views([m for m, _ in parts], [sm for _, sm in parts])
+    out = fit_dataset_views([m for m, _ in parts], [sm for _, sm in parts])
+    _release_freed_memory()  # the fit's temporaries (~100 MB at VIEW_FIT_MAX descriptors)
+    return out
 
 
-def _apply_views_block(fitted, features, cands, gate, i):
-    """Micrograph ``i``'s gated candidate table with the dataset-level views and acceptances."""
+def _apply_views_block(fitted, features, cands, gate, i, block=None, geo=None):
+    """Micrograph ``i``'s gated candidate table with the dataset-level views and acceptances.
+    ``features``: the float16 descriptors of its view rows after the gate, or ``None``: then,
+    when the fitted model needs them, they are recomputed from ``block`` (as in
+    :func:`_view_parts`)."""
     table = _gated(cands, gate[0][i])
+    if features is None and fitted[1] is not None:
+        f = _view_features_block(block, cands, *geo)
+        features = f[_view_rows(table)[_view_rows(cands)]].astype(np.float16) if len(cands) else f
     mini = apply_dataset_views(fitted, features)
     if not len(mini):
         return table

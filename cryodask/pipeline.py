@@ -222,7 +222,31 @@ def _diameter_px(ctx: Context) -> float:
     return float(ctx.cfg.diameter) / ctx.pixel_size
 
 
+def _preprocessed(ctx: Context, names: list[str]):
+    """The preprocessed micrographs that the preprocess stage stored (``preprocessed`` group,
+    picking scale, possibly binned), as a lazy ``(n, ny', nx')`` dask array in the order of
+    ``names``."""
+    from .model import open_group
+
+    try:
+        pre = open_group(ctx.store, "preprocessed")
+    except (FileNotFoundError, KeyError, ValueError, OSError):
+        raise CryodaskError(f"{ctx.store}: no preprocessed micrographs; picking reads them from the "
+                            "preprocess stage, run it first") from None
+    stored = [str(m) for m in pre["micrograph"].values]
+    if stored == names:
+        return pre["image"].data
+    where = {m: i for i, m in enumerate(stored)}
+    missing = [m for m in names if m not in where]
+    if missing:
+        raise CryodaskError(f"{ctx.store}: no preprocessed micrograph for {missing[0]} "
+                            f"({len(missing)} missing); re-run the preprocess stage")
+    return pre["image"].data[[where[m] for m in names]]
+
+
 def _stage_pick(ctx: Context) -> dict[str, Any]:
+    """Picking on the micrographs that the preprocess stage stored (its settings apply; they
+    are read, not recomputed); coordinates in pixels of the original micrographs."""
     from .pick import pick_graph, write_picks
     from .runtime import compute
 
@@ -233,7 +257,8 @@ def _stage_pick(ctx: Context) -> dict[str, Any]:
     names = [str(m) for m in mics["micrograph"].values]
     paths = [str(p) for p in mics["path"].values]
     graph = pick_graph(mics["image"].data, names, ctx.pixel_size, cfg.diameter, method=method,
-                       pick_params=params.get("ibc"), train_params={"seed": cfg.seed, **params.get("deep", {})})
+                       pick_params=params.get("ibc"), train_params={"seed": cfg.seed, **params.get("deep", {})},
+                       preprocessed=_preprocessed(ctx, names))
     model = graph.pop("__model__", None)
     results = compute(*graph.values(), *([model] if model is not None else []), label=f"pick ({method})")
     out = ctx.out / "picks"
@@ -619,7 +644,7 @@ ORDER = ["ingest", "preprocess", "ctf", "pick", "extract", "align2d", "localized
 #: the stages whose outputs each stage reads: a stage's completion record holds a hash of its
 #: parameters and of these stages' hashes, so a changed parameter re-runs exactly that stage
 #: and the ones that (transitively) read its output. Stages not listed depend on all earlier ones.
-DEPENDS = {"ingest": (), "preprocess": ("ingest",), "ctf": ("ingest",), "pick": ("ingest",),
+DEPENDS = {"ingest": (), "preprocess": ("ingest",), "ctf": ("ingest",), "pick": ("ingest", "preprocess"),
            "extract": ("ingest", "preprocess", "ctf", "pick"), "align2d": ("extract",),
            "localized": ("extract", "align2d"), "refine": ("extract", "align2d")}
 

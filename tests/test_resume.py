@@ -183,10 +183,11 @@ def test_changed_parameter_reruns_exactly_the_dependent_stages(sim):
     # extraction box: extract and the alignment re-run
     resumed, ran = _stage_runs(out, {"extract": {"factor": 1.7}})
     assert ran == ["extract", "align2d"] and resumed == ["ingest", "preprocess", "ctf", "pick"]
-    # preprocessing: preprocess and what reads it (the preprocessed boxes of extract, then align2d);
-    # CTF and picking read the raw micrographs and are kept
+    # preprocessing: preprocess and what reads it (picking picks the stored preprocessed
+    # micrographs, extract cuts its preprocessed boxes from them, then align2d); CTF reads the raw
+    # micrographs and is kept
     resumed, ran = _stage_runs(out, {"extract": {"factor": 1.7}, "preprocess": {"binning": 2.0}})
-    assert ran == ["preprocess", "extract", "align2d"] and resumed == ["ingest", "ctf", "pick"]
+    assert ran == ["preprocess", "pick", "extract", "align2d"] and resumed == ["ingest", "ctf"]
     # only the alignment's own setting: only align2d
     resumed, ran = _stage_runs(out, {"extract": {"factor": 1.7}, "preprocess": {"binning": 2.0},
                                      "align2d": {"variant": "global-mask"}})
@@ -194,6 +195,65 @@ def test_changed_parameter_reruns_exactly_the_dependent_stages(sim):
     # a setting every stage after ingest uses (the seed; ingest does not use it)
     resumed, ran = _stage_runs(out, {"seed": 6})
     assert resumed == ["ingest"] and ran == ["preprocess", "ctf", "pick", "extract", "align2d"]
+
+
+def test_pick_reads_the_stored_preprocessed_micrographs(sim, monkeypatch):
+    """The pick stage picks the micrographs that the preprocess stage stored (its settings
+    apply, nothing is preprocessed again) and writes coordinates in pixels of the original
+    micrographs: with the default settings exactly the picks of preprocessing inside the picking
+    graph; with a coarser binning the same particles, and a changed binning re-picks."""
+    import dask
+    import dask.array as da
+    import mrcfile
+
+    import cryodask.preprocess as pre_mod
+    from cryodask.evaluate import load_truth
+    from cryodask.pick import evaluate_picks, pick_graph
+
+    out = sim / "pick_reads_preprocessed"
+    resumed, ran = _stage_runs(out, {"stages": "ingest,preprocess"})
+    assert ran == ["ingest", "preprocess"]
+
+    def no_preprocessing(*a, **k):
+        raise AssertionError("the pick stage preprocessed a micrograph again")
+
+    with monkeypatch.context() as m:
+        m.setattr(pre_mod, "preprocess_micrograph", no_preprocessing)
+        resumed, ran = _stage_runs(out, {"stages": "ingest,preprocess,pick"})
+    assert resumed == ["ingest", "preprocess"] and ran == ["pick"]
+    star = _read_star_picks(out)
+
+    # the same picks as the picking graph that preprocesses the raw micrographs itself
+    files = sorted((sim / "sim" / "micrographs").glob("*.mrc"))
+    raw = np.stack([mrcfile.read(f).astype(np.float32) for f in files])
+    names = sorted(star)
+    assert names == [f.stem for f in files]
+    g = pick_graph(da.from_array(raw, chunks=(1,) + raw.shape[1:]), names, 3.0, 120.0)
+    ref = dict(zip(names, dask.compute(*[g[n] for n in names], scheduler="sync")))
+    for n in names:
+        np.testing.assert_allclose(star[n], ref[n][["x", "y"]].to_numpy(float), atol=1e-3)
+    truth = load_truth(str(sim / "sim"))
+    tr = {n: truth.loc[truth["mic"] == n, ["rlnCoordinateX", "rlnCoordinateY"]].to_numpy(float) for n in names}
+    f1 = evaluate_picks(star, tr, 10.0)["f1"]
+    assert f1 >= 0.9  # measured 0.99
+
+    # a coarser preprocessing binning: pick re-runs on the binned micrographs, and its coordinates
+    # are still pixels of the originals (the same particles are found)
+    resumed, ran = _stage_runs(out, {"stages": "ingest,preprocess,pick", "preprocess": {"binning": 2.0}})
+    assert resumed == ["ingest"] and ran == ["preprocess", "pick"]
+    binned = _read_star_picks(out)
+    assert sum(map(len, binned.values())) != sum(map(len, star.values())) or any(
+        not np.allclose(binned[n], star[n]) for n in names)  # other images: other picks
+    assert evaluate_picks(binned, tr, 10.0)["f1"] >= 0.85
+
+
+def _read_star_picks(out: Path) -> dict[str, np.ndarray]:
+    from cryodask.pipeline import Context, RunConfig, _read_picks
+
+    ctx = Context(RunConfig(micrographs=["x"], diameter=1.0, out=str(out)))
+    t = _read_picks(ctx)
+    return {str(m): g[["rlnCoordinateX", "rlnCoordinateY"]].to_numpy(float)
+            for m, g in t.groupby("rlnMicrographName", sort=True)}
 
 
 def test_report_html_has_stage_timings_counts_accuracy_and_log_link(tmp_path):
