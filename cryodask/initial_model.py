@@ -44,7 +44,7 @@ import torch
 
 from .geometry import symmetry_matrices
 
-__all__ = ["build_initial_model", "sphere_model", "cylinder_model", "blob_model", "ab_initio",
+__all__ = ["build_initial_model", "centre_volume", "sphere_model", "cylinder_model", "blob_model", "ab_initio",
            "fourier_resize_images", "fourier_resize_volume", "auto_kind"]
 
 
@@ -107,6 +107,33 @@ def blob_model(n: int, radius_px: float, rng: np.random.Generator, n_blobs: int 
     return (vol / vol.max()).astype(np.float32)
 
 
+def centre_volume(vol: np.ndarray, symmetry: str = "C1") -> tuple[np.ndarray, np.ndarray]:
+    """Shift a map (N, N, N) so that the centre of mass of its positive density sits on the box
+    centre (voxel N//2), by a Fourier phase ramp (sub-voxel). Projection matching from a random
+    start leaves the structure wherever it formed; a map off-centre by a few voxels is clipped by
+    the particle mask and forces large particle shifts. The shift is projected onto what the
+    point group allows (along z for Cn, none for Dn, T, O, I), so the symmetry axes stay put.
+    Returns (centred map float32, applied shift (z, y, x) voxels)."""
+    from scipy import ndimage
+
+    vol = np.asarray(vol, dtype=np.float32)
+    n = vol.shape[0]
+    pos = np.clip(vol, 0, None)
+    if not pos.any():
+        return vol.copy(), np.zeros(3)
+    com = np.array(ndimage.center_of_mass(pos))
+    shift = (n // 2) - com  # (z, y, x)
+    sym = symmetry_matrices(symmetry)  # acting on (x, y, z)
+    if len(sym) > 1:
+        sxyz = shift[::-1]
+        sxyz = np.mean([g @ sxyz for g in sym], axis=0)
+        shift = sxyz[::-1]
+    if np.abs(shift).max() < 0.05:
+        return vol.copy(), np.zeros(3)
+    f = ndimage.fourier_shift(np.fft.fftn(vol), shift)
+    return np.fft.ifftn(f).real.astype(np.float32), shift
+
+
 def _ctx(images, table, pixel_size, optics, diameter, box_small, device):
     from .refine import noise_spectrum, normalise_images
 
@@ -128,7 +155,7 @@ def _ctx(images, table, pixel_size, optics, diameter, box_small, device):
 
 def _reconstruct(c, idx, rotations, origins, weights, symmetry, ssnr: float = 1.0):
     """Weighted back-projection (weights (k,) per insertion) → (volume, accumulator)."""
-    from .reconstruct import accumulate, finalize
+    from .reconstruct import accumulate
     from .refine import symmetrize_accumulator
 
     w = np.sqrt(np.asarray(weights, dtype=np.float64))
@@ -368,13 +395,17 @@ def build_initial_model(kind, images, table, pixel_size, optics, *, symmetry: st
     if kind == "abinitio":
         vol, info = ab_initio(images, table, pixel_size, optics, symmetry=symmetry, diameter=diameter, seed=seed,
                               threads=threads or 1, device=device, log=log, **abinitio_kw)
-        return vol, {"kind": "abinitio", "start": "random blobs", **info}
+        vol, shift = centre_volume(vol, symmetry)
+        return vol, {"kind": "abinitio", "start": "random blobs", **info,
+                     "recentred_px": [round(float(v), 2) for v in shift]}
     if kind == "auto":
         start_kind = auto_kind(symmetry)
         start = shape(start_kind)
         vol, info = ab_initio(images, table, pixel_size, optics, symmetry=symmetry, diameter=diameter, seed=seed,
                               start=start, threads=threads or 1, device=device, log=log, **abinitio_kw)
-        rec = {"kind": "abinitio", "start": start_kind if start is not None else "random blobs", **info}
+        vol, shift = centre_volume(vol, symmetry)
+        rec = {"kind": "abinitio", "start": start_kind if start is not None else "random blobs", **info,
+               "recentred_px": [round(float(v), 2) for v in shift]}
         if start_kind == "cylinder":
             rec.update(width_A=width, height_A=height)
         return vol, rec

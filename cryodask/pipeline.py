@@ -376,8 +376,10 @@ def _refine_settings(params: dict[str, Any], diameter_px: float | None = None):
 
     Picked particles are off-centre by the picker's centring error (measured on simulations: a
     median of 1.7 px for apoferritin, 5.4 px for the ribosome, whose projected centroid moves with
-    the view), so unless set, the first global search covers shifts up to 15 % of the particle
-    diameter (at least the RefineSettings default)."""
+    the view; a quarter of the ribosome's picks are more than 7.5 px = 15 % of its diameter off),
+    so refine first centres the picks on their rotational average (``RefineSettings.precentre``;
+    ribosome: median error 5.4 → 2.2 px), and unless set, the first global search covers shifts
+    up to 15 % of the particle diameter (at least the RefineSettings default) around them."""
     from dataclasses import fields as dc_fields, replace
 
     from .refine import RefineSettings
@@ -432,7 +434,8 @@ def _stage_refine(ctx: Context) -> dict[str, Any]:
     ctx.figures += [("gold-standard FSC of the half maps", "fsc.png"),
                     ("angular distribution of the refined particles", "angular_distribution.png")]
     init = result["initial"]
-    init_summary = {k: init[k] for k in ("kind", "start", "chosen", "chosen_start", "restarts", "diameter_A",
+    init_summary = {k: init[k] for k in ("kind", "start", "chosen", "chosen_start", "restarts", "recentred_px",
+                                          "diameter_A",
                                           "width_A", "height_A", "seconds") if k in init}
     res = {k: round(float(v), 3) for k, v in result["resolution"].items()}
     out: dict[str, Any] = {
@@ -440,7 +443,8 @@ def _stage_refine(ctx: Context) -> dict[str, Any]:
         "extracted_box_px": int(box0), "selection": getattr(ctx, "selection_info", None),
         "symmetry": cfg.symmetry,
         "ctf_corrected": "rlnDefocusU" in table, "fast": bool(params.get("fast", False)),
-        "initial_model": init_summary, "global_max_shift_px": settings.global_max_shift,
+        "initial_model": init_summary, "precentre": result.get("precentre"),
+        "global_max_shift_px": settings.global_max_shift,
         "resolution_half_maps_A": res,
         "iterations": len(result.get("history", [])), "final_iteration": result.get("final_iteration"),
         "defocus_refinement": [h["defocus_refinement"] for h in result.get("history", [])

@@ -169,6 +169,63 @@ def normalise_images(images, mask_radius: float, edge: float = 3.0, device=None)
     return (x - mu[:, None, None]) / sd[:, None, None] * m
 
 
+def centre_on_rotational_average(images, diameter_px: float, *, iterations: int = 3,
+                                 max_shift: float | None = None, resolution_px: float | None = None,
+                                 batch: int = 1024, device=None) -> np.ndarray:
+    """Reference-free centring of particle images (b, N, N) (protein white, any normalisation).
+
+    Each image is cross-correlated with a disc of the particle's diameter ``diameter_px``, then
+    (``iterations`` − 1 more times) with the rotational average of all the images as centred so
+    far, both low-passed with a Gaussian of ``resolution_px`` px (default diameter/4); the peak
+    within ``max_shift`` px of the box centre (default 0.3 × diameter) is the particle's centre.
+    Pickers centre irregular particles poorly (their projected outline changes with the view);
+    the rotational average is centred on the mass by construction. Measured on the simulated
+    70S ribosome (2,440 picks matched to the truth, SNR 0.1): centring error median 5.37 → 2.17
+    px, 90th percentile 9.65 → 4.27 px.
+
+    Returns RELION origins (b, 2) px (x, y): the particle centre sits at box centre − origin.
+    """
+    device = device or default_device()
+    x_all = np.asarray(images, dtype=np.float32)
+    b, n = x_all.shape[0], x_all.shape[-1]
+    c = torch.arange(n, device=device) - n // 2
+    yy, xx = torch.meshgrid(c, c, indexing="ij")
+    r = torch.sqrt((yy ** 2 + xx ** 2).float())
+    rb = r.round().long()
+    counts = torch.bincount(rb.ravel()).clamp_min(1)
+    ky = torch.fft.fftfreq(n, device=device)[:, None]
+    kx = torch.fft.rfftfreq(n, device=device)[None, :]
+    sig = float(resolution_px or diameter_px / 4)
+    lp = torch.exp(-2.0 * (ky ** 2 + kx ** 2) * sig ** 2)
+    lp[0, 0] = 0.0
+    outside = r > float(max_shift if max_shift is not None else 0.3 * diameter_px)
+    centres = torch.zeros((b, 2), device=device)  # particle centre − box centre (x, y) px
+
+    def spectra(a):
+        x = torch.as_tensor(x_all[a:a + batch], device=device)
+        return torch.fft.rfft2(torch.fft.ifftshift(x, dim=(-2, -1)))
+
+    for it in range(iterations):
+        if it == 0:
+            ref = (r < diameter_px / 2).float()
+        else:  # rotational average of the images centred by the current estimates
+            total = torch.zeros((n, n // 2 + 1), dtype=torch.complex64, device=device)
+            for a in range(0, b, batch):
+                s = centres[a:a + batch]
+                ramp = torch.exp(2j * math.pi * (ky[None] * s[:, 1, None, None] + kx[None] * s[:, 0, None, None]))
+                total += (spectra(a) * ramp).sum(0)
+            avg = torch.fft.fftshift(torch.fft.irfft2(total / b, s=(n, n)))
+            prof = torch.bincount(rb.ravel(), avg.ravel()) / counts
+            ref = prof[rb] * (r < diameter_px / 2 + 4)
+        fr = torch.fft.rfft2(torch.fft.ifftshift(ref)).conj() * lp
+        for a in range(0, b, batch):
+            cc = torch.fft.fftshift(torch.fft.irfft2(spectra(a) * fr, s=(n, n)), dim=(-2, -1))
+            cc = cc.masked_fill(outside[None], -torch.inf)
+            k = cc.reshape(cc.shape[0], -1).argmax(1)
+            centres[a:a + batch] = torch.stack([k % n - n // 2, k // n - n // 2], 1).float()
+    return -centres.cpu().numpy().astype(np.float64)
+
+
 def _dft_matrix(n: int, grid: PolarGrid, pixels: torch.Tensor) -> torch.Tensor:
     """exp(−2πi k·x/N) for the polar points k (R·M) and the image pixels ``pixels`` (P, 2) = (x, y)
     measured from the centre: complex64 (P, R·M)."""
@@ -686,6 +743,7 @@ class RefineSettings:
     global_iterations: int = 3  # iterations that search all orientations (then local only)
     global_directions: int = 500  # target number of reference directions in the asymmetric unit
     global_max_shift: float = 3.0
+    precentre: bool = True  # centre the picks on the particles' rotational average first
     top_candidates: int = 3
     initial_lowpass: float | None = None
     local_start_deg: float = 2.0
@@ -751,10 +809,22 @@ def search_chunk(images_norm, defocus, poses: Poses | None, vol2: torch.Tensor, 
             # best one at the full search resolution
             kw = dict(local_kw, min_angle=max(plan["min_angle"], plan["angle_step"] / 4),
                       min_shift=max(plan["min_shift"], plan["shift_step"] / 4))
-            r, o, s = local_search(_repeat(g_data, top), vol2, rr.reshape(-1, 3, 3), oo.reshape(-1, 2), **kw)
-            best = np.arange(b) * top + np.argmax(s.reshape(b, top), 1)
+            ks = min(plan["kmax"], plan["kmax_global"] * plan.get("settle_factor", 1.0))
+            s_data = g_data if ks <= plan["kmax_global"] + 0.5 else _chunk_data(
+                x, defocus, polar_grid(x.shape[-1], ks, diameter_px=d, device=x.device), ctx)
+            r, o, s = local_search(_repeat(s_data, top), vol2, rr.reshape(-1, 3, 3), oo.reshape(-1, 2), **kw)
             kw = dict(local_kw, angle_step=plan["angle_step"] / 2, shift_step=plan["shift_step"] / 2,
                       psi_window=plan["psi_window"] / 2)
+            if plan.get("settle_full", 1) > 1:
+                # the low-resolution ranking misorders candidates: refine the best few at the
+                # full search resolution and choose among them there
+                k = min(top, int(plan["settle_full"]))
+                order = np.argsort(-s.reshape(b, top), 1)[:, :k]
+                pick = (np.arange(b)[:, None] * top + order).reshape(-1)
+                r, o, s = local_search(_repeat(data, k), vol2, r[pick], o[pick], **kw)
+                best = np.arange(b) * k + np.argmax(s.reshape(b, k), 1)
+                return Poses(r[best], o[best], s[best])
+            best = np.arange(b) * top + np.argmax(s.reshape(b, top), 1)
             r, o, s = local_search(data, vol2, r[best], o[best], **kw)
             return Poses(r, o, s)
         r, o, s = local_search(_repeat(data, top), vol2, rr.reshape(-1, 3, 3), oo.reshape(-1, 2), **local_kw)
@@ -959,6 +1029,23 @@ def refine_particles(images, table, pixel_size: float, optics=None, *, symmetry:
     prev_threads = torch.get_num_threads()
     torch.set_num_threads(1 if threads > 1 else prev_threads)
     try:
+        # the picks' centres on the particles' rotational average: where the first global
+        # search looks (± global_max_shift around them)
+        # (a pick stays where it is unless that centre is more than half the search range away:
+        # a well-centred pick is better than a 2D estimate, a badly centred one may have its
+        # true centre outside the range)
+        prior = np.zeros((n, 2))
+        precentre = None
+        if settings.precentre:
+            prior = centre_on_rotational_average(images, d_px, device=device)
+            rr = np.hypot(prior[:, 0], prior[:, 1])
+            far = rr > 0.5 * settings.global_max_shift
+            prior[~far] = 0.0
+            precentre = {"median_px": round(float(np.median(rr)), 2), "p90_px": round(float(np.percentile(rr, 90)), 2),
+                         "moved_fraction": round(float(far.mean()), 3)}
+            log(f"centring the picks on their rotational average: {precentre['median_px']} px away (median; "
+                f"90 %: {precentre['p90_px']} px); {100 * far.mean():.0f} % are more than half the search range "
+                f"away and are searched around that centre")
         norm = normalise_images(images, mask_r, settings.mask_edge, device=device)
         sigma2 = noise_spectrum(norm)
         ctx = {"pixel_size": pixel_size, "optics": optics, "sigma2": sigma2, "support": mask_r + settings.mask_edge,
@@ -983,7 +1070,8 @@ def refine_particles(images, table, pixel_size: float, optics=None, *, symmetry:
                 idx = sl[subsets[sl] == h]
                 if idx.size:
                     chunks.append((h, idx))
-        poses: dict[int, Poses | None] = {c: None for c in range(len(chunks))}
+        poses: dict[int, Poses | None] = {c: Poses(np.broadcast_to(np.eye(3), (idx.size, 3, 3)).copy(), prior[idx],
+                                                   np.zeros(idx.size)) for c, (h, idx) in enumerate(chunks)}
         history = []
         res = lp
         best_res, stall = np.inf, 0
@@ -1026,12 +1114,15 @@ def refine_particles(images, table, pixel_size: float, optics=None, *, symmetry:
                                   else max(settings.local_start_deg / 2, settings.local_min_deg * 2))
                 plan.update(angle_step=a0, psi_window=2.5 * a0, shift_step=0.5 if it == settings.global_iterations else 0.25,
                             min_angle=math.radians(settings.local_min_deg), min_shift=settings.local_min_shift)
-            tasks = []
-            for c, (h, idx) in enumerate(chunks):
-                x = norm[idx]
-                dfc = None if defocus is None else defocus[idx]
-                tasks.append(delayed(search_chunk, pure=True)(x, dfc, poses[c], refs[h], plan, ctx))
-            new = dask.compute(*tasks, scheduler="threads", num_workers=threads)
+            def search_all(plan):
+                tasks = []
+                for c, (h, idx) in enumerate(chunks):
+                    x = norm[idx]
+                    dfc = None if defocus is None else defocus[idx]
+                    tasks.append(delayed(search_chunk, pure=True)(x, dfc, poses[c], refs[h], plan, ctx))
+                return dask.compute(*tasks, scheduler="threads", num_workers=threads)
+
+            new = search_all(plan)
             t_search = time.perf_counter() - t_it
             poses = dict(enumerate(new))
             rec = reconstruct_halves(defocus)
@@ -1103,7 +1194,7 @@ def refine_particles(images, table, pixel_size: float, optics=None, *, symmetry:
         out_table["rlnDefocusAngle"] = defocus[:, 2]
     out_table["rlnLogLikeliContribution"] = allp.scores
     return {**final, "table": out_table, "initial": init_info, "history": history, "final_iteration": best_it,
-            "initial_lowpass_A": lp,
+            "initial_lowpass_A": lp, "precentre": precentre,
             "symmetry": symmetry, "pixel_size": pixel_size, "diameter_A": diameter,
             "seconds": round(time.perf_counter() - t_start, 1), "initial_map": vol0}
 

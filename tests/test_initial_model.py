@@ -61,6 +61,24 @@ def test_fourier_resize_keeps_centre_and_density():
     assert np.allclose(IM.fourier_resize_images(IM.fourier_resize_images(img, 48), 32), img, atol=1e-4)
 
 
+def test_centre_volume_moves_the_mass_to_the_box_centre_within_the_symmetry():
+    from scipy import ndimage
+
+    vol = IM.blob_model(48, 14.0, np.random.default_rng(3))  # asymmetric, not centred on its mass
+    off = np.array([3.0, -4.0, 2.5])  # (z, y, x) voxels
+    moved = np.fft.ifftn(ndimage.fourier_shift(np.fft.fftn(vol), off)).real.astype(np.float32)
+    com0 = np.array(ndimage.center_of_mass(np.clip(vol, 0, None)))
+    centred, shift = IM.centre_volume(moved)
+    com = np.array(ndimage.center_of_mass(np.clip(centred, 0, None)))
+    assert np.allclose(com, 24.0, atol=0.3)
+    assert np.allclose(shift, 24.0 - com0 - off, atol=0.3)
+    # C4: only along the axis (z); O: the centre of mass of a symmetric map is the centre already
+    _, s4 = IM.centre_volume(moved, "C4")
+    assert abs(s4[1]) < 1e-9 and abs(s4[2]) < 1e-9 and abs(s4[0] - shift[0]) < 1e-6
+    _, so = IM.centre_volume(moved, "O")
+    assert np.allclose(so, 0.0)
+
+
 def test_ab_initio_tournament_keeps_the_best_runs(apo_particles):
     """All runs are scored after the probe; only the ``keep`` best (by held-out likelihood)
     finish the schedule; the best finisher is returned."""
