@@ -435,8 +435,7 @@ def _stage_refine(ctx: Context) -> dict[str, Any]:
                     ("angular distribution of the refined particles", "angular_distribution.png")]
     init = result["initial"]
     init_summary = {k: init[k] for k in ("kind", "start", "chosen", "chosen_start", "restarts", "recentred_px",
-                                          "diameter_A",
-                                          "width_A", "height_A", "seconds") if k in init}
+                                          "diameter_A", "width_A", "height_A", "seconds") if k in init}
     res = {k: round(float(v), 3) for k, v in result["resolution"].items()}
     out: dict[str, Any] = {
         "n_particles": int(len(table)), "box_px": int(images.shape[-1]), "pixel_size_A": apix,

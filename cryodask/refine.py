@@ -809,22 +809,10 @@ def search_chunk(images_norm, defocus, poses: Poses | None, vol2: torch.Tensor, 
             # best one at the full search resolution
             kw = dict(local_kw, min_angle=max(plan["min_angle"], plan["angle_step"] / 4),
                       min_shift=max(plan["min_shift"], plan["shift_step"] / 4))
-            ks = min(plan["kmax"], plan["kmax_global"] * plan.get("settle_factor", 1.0))
-            s_data = g_data if ks <= plan["kmax_global"] + 0.5 else _chunk_data(
-                x, defocus, polar_grid(x.shape[-1], ks, diameter_px=d, device=x.device), ctx)
-            r, o, s = local_search(_repeat(s_data, top), vol2, rr.reshape(-1, 3, 3), oo.reshape(-1, 2), **kw)
+            r, o, s = local_search(_repeat(g_data, top), vol2, rr.reshape(-1, 3, 3), oo.reshape(-1, 2), **kw)
+            best = np.arange(b) * top + np.argmax(s.reshape(b, top), 1)
             kw = dict(local_kw, angle_step=plan["angle_step"] / 2, shift_step=plan["shift_step"] / 2,
                       psi_window=plan["psi_window"] / 2)
-            if plan.get("settle_full", 1) > 1:
-                # the low-resolution ranking misorders candidates: refine the best few at the
-                # full search resolution and choose among them there
-                k = min(top, int(plan["settle_full"]))
-                order = np.argsort(-s.reshape(b, top), 1)[:, :k]
-                pick = (np.arange(b)[:, None] * top + order).reshape(-1)
-                r, o, s = local_search(_repeat(data, k), vol2, r[pick], o[pick], **kw)
-                best = np.arange(b) * k + np.argmax(s.reshape(b, k), 1)
-                return Poses(r[best], o[best], s[best])
-            best = np.arange(b) * top + np.argmax(s.reshape(b, top), 1)
             r, o, s = local_search(data, vol2, r[best], o[best], **kw)
             return Poses(r, o, s)
         r, o, s = local_search(_repeat(data, top), vol2, rr.reshape(-1, 3, 3), oo.reshape(-1, 2), **local_kw)
@@ -1029,11 +1017,10 @@ def refine_particles(images, table, pixel_size: float, optics=None, *, symmetry:
     prev_threads = torch.get_num_threads()
     torch.set_num_threads(1 if threads > 1 else prev_threads)
     try:
-        # the picks' centres on the particles' rotational average: where the first global
-        # search looks (± global_max_shift around them)
-        # (a pick stays where it is unless that centre is more than half the search range away:
-        # a well-centred pick is better than a 2D estimate, a badly centred one may have its
-        # true centre outside the range)
+        # where the first global search looks (± global_max_shift around it): the pick itself,
+        # unless the particle's centre on the rotational average is more than half the range
+        # away (a well-centred pick beats a 2D estimate; a badly centred one may have its true
+        # centre outside the range)
         prior = np.zeros((n, 2))
         precentre = None
         if settings.precentre:
@@ -1070,8 +1057,8 @@ def refine_particles(images, table, pixel_size: float, optics=None, *, symmetry:
                 idx = sl[subsets[sl] == h]
                 if idx.size:
                     chunks.append((h, idx))
-        poses: dict[int, Poses | None] = {c: Poses(np.broadcast_to(np.eye(3), (idx.size, 3, 3)).copy(), prior[idx],
-                                                   np.zeros(idx.size)) for c, (h, idx) in enumerate(chunks)}
+        poses = {c: Poses(np.tile(np.eye(3), (idx.size, 1, 1)), prior[idx], np.zeros(idx.size))
+                 for c, (h, idx) in enumerate(chunks)}
         history = []
         res = lp
         best_res, stall = np.inf, 0
@@ -1114,15 +1101,12 @@ def refine_particles(images, table, pixel_size: float, optics=None, *, symmetry:
                                   else max(settings.local_start_deg / 2, settings.local_min_deg * 2))
                 plan.update(angle_step=a0, psi_window=2.5 * a0, shift_step=0.5 if it == settings.global_iterations else 0.25,
                             min_angle=math.radians(settings.local_min_deg), min_shift=settings.local_min_shift)
-            def search_all(plan):
-                tasks = []
-                for c, (h, idx) in enumerate(chunks):
-                    x = norm[idx]
-                    dfc = None if defocus is None else defocus[idx]
-                    tasks.append(delayed(search_chunk, pure=True)(x, dfc, poses[c], refs[h], plan, ctx))
-                return dask.compute(*tasks, scheduler="threads", num_workers=threads)
-
-            new = search_all(plan)
+            tasks = []
+            for c, (h, idx) in enumerate(chunks):
+                x = norm[idx]
+                dfc = None if defocus is None else defocus[idx]
+                tasks.append(delayed(search_chunk, pure=True)(x, dfc, poses[c], refs[h], plan, ctx))
+            new = dask.compute(*tasks, scheduler="threads", num_workers=threads)
             t_search = time.perf_counter() - t_it
             poses = dict(enumerate(new))
             rec = reconstruct_halves(defocus)
