@@ -18,6 +18,7 @@ slices overlap in memory; on CPU the gathers/scatters run in scipy's compiled sp
 from __future__ import annotations
 
 import functools
+import os
 
 import numpy as np
 import torch
@@ -44,7 +45,17 @@ __all__ = [
 
 
 def default_device() -> torch.device:
-    """CUDA when a GPU is visible, else CPU."""
+    """CUDA when a GPU is visible, else CPU.
+
+    The environment variable ``CRYODASK_DEVICE`` (``cpu``, ``cuda`` or ``cuda:N``) overrides the
+    choice, e.g. to keep a shared GPU free; worker processes of a local cluster inherit it.
+    """
+    forced = os.environ.get("CRYODASK_DEVICE", "").strip()
+    if forced:
+        dev = torch.device(forced)
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError(f"CRYODASK_DEVICE={forced}: no CUDA GPU is visible to this process")
+        return dev
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
