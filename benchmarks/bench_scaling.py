@@ -7,9 +7,10 @@ worker processes, timing the whole run (cluster start excluded). The refine stag
 default: it runs as batched torch in one process (its threads, not Dask workers, set its speed);
 add it with ``--stages ...,refine`` to measure it too.
 
-    python benchmarks/bench_scaling.py --n 50 [--workers 1 2] [--work bench_scaling_work]
+    python benchmarks/bench_scaling.py --n 50 [--workers 1 2] [--repeat 3] [--work bench_scaling_work]
 
-Run it on an otherwise idle machine: every figure here is a wall time.
+Run it on an otherwise idle machine: every figure here is a wall time. On a small shared VM the
+machine's speed drifts between runs; ``--repeat`` interleaves the worker counts and reports medians.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -67,17 +69,29 @@ def main(argv=None) -> int:
     ap.add_argument("--stages", default=STAGES)
     ap.add_argument("--work", default="bench_scaling_work")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="runs per worker count, interleaved (1, 2, 1, 2, ...); medians are reported")
     args = ap.parse_args(argv)
     work = Path(args.work).absolute()
     work.mkdir(parents=True, exist_ok=True)
     sim = simulate(work, args.n, args.size, args.seed)
     load0 = os.getloadavg()
-    runs = [measure(sim, work / f"run_w{w}", w, args.stages.split(",")) for w in args.workers]
-    for r in runs:
-        print(json.dumps(r))
-    base = runs[0]["seconds"]
-    print(json.dumps({"cpu_count": os.cpu_count(), "load_before": load0, "load_after": os.getloadavg(),
-                      "speedup": {r["workers"]: round(base / r["seconds"], 3) for r in runs}}))
+    runs: dict[int, list[dict]] = {w: [] for w in args.workers}
+    for _ in range(args.repeat):
+        for w in args.workers:
+            r = measure(sim, work / f"run_w{w}", w, args.stages.split(","))
+            runs[w].append(r)
+            print(json.dumps(r), flush=True)
+    med = {w: statistics.median(r["seconds"] for r in rs) for w, rs in runs.items()}
+    base = med[args.workers[0]]
+    summary = {"cpu_count": os.cpu_count(), "load_before": load0, "load_after": os.getloadavg(),
+               "repeat": args.repeat, "median_seconds": med,
+               "speedup": {w: round(base / m, 3) for w, m in med.items()}}
+    if args.repeat > 1:  # the ratio within each interleaved pair shows how much the machine drifted
+        first = args.workers[0]
+        summary["speedup_per_repeat"] = {w: [round(a["seconds"] / b["seconds"], 3) for a, b in
+                                             zip(runs[first], rs)] for w, rs in runs.items() if w != first}
+    print(json.dumps(summary))
     return 0
 
 

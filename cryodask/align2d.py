@@ -874,17 +874,27 @@ def align2d_star(star_in: str | Path, out_dir: str | Path, *, view: str = "auto"
         data["reference"] = (("wy", "wx"), np.asarray(ref, np.float32))
     store = xr.Dataset(data, attrs={"pixel_size": apix, "stage": "align2d", "variant": str(variant),
                                     "source": str(star_in), "view": view})
-    write_group(store, out / "particles.zarr", "align2d")
 
-    rel = relion_parameters(theta, centres, apix)
-    drop = [v for v in ("rlnAngleRot", "rlnAngleTilt", "rlnAngleRotPrior", "rlnAngleTiltPrior", "rlnAnglePsiPrior")
-            if v in ds]
-    out_ds = ds.drop_vars(drop)
-    out_ds.attrs["star_particle_columns"] = [c for c in ds.attrs.get("star_particle_columns", []) if c not in drop]
-    for k, val in {**rel, **selection_columns(feats, selected, reasons), "cdAlignScore": score}.items():
-        out_ds[k] = ("particle", np.asarray(val))
-    write_particles(out / "particles_aligned.star", out_ds)
-    write_gallery(out / "align2d_gallery.png", ds, feats, selected, reasons, images=images)
+    def tables_and_gallery():
+        rel = relion_parameters(theta, centres, apix)
+        drop = [v for v in ("rlnAngleRot", "rlnAngleTilt", "rlnAngleRotPrior", "rlnAngleTiltPrior",
+                            "rlnAnglePsiPrior") if v in ds]
+        out_ds = ds.drop_vars(drop)
+        out_ds.attrs["star_particle_columns"] = [c for c in ds.attrs.get("star_particle_columns", [])
+                                                 if c not in drop]
+        for k, val in {**rel, **selection_columns(feats, selected, reasons), "cdAlignScore": score}.items():
+            out_ds[k] = ("particle", np.asarray(val))
+        write_particles(out / "particles_aligned.star", out_ds)
+        write_gallery(out / "align2d_gallery.png", ds, feats, selected, reasons, images=images)
+
+    # the STAR file and the gallery need only the parameters: the driver writes them while the
+    # workers write the aligned stacks, instead of leaving the workers idle afterwards
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1, thread_name_prefix="cryodask-align2d-tables") as pool:
+        side = pool.submit(tables_and_gallery)
+        write_group(store, out / "particles.zarr", "align2d")
+        side.result()
     summary = {
         "n_particles": int(n), "n_selected": int(selected.sum()), "n_side": int((found & ~top).sum()),
         "n_top": int(top.sum()), "n_no_mask": int((~found).sum()),

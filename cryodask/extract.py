@@ -105,7 +105,9 @@ def extract_graph(micrographs: xr.Dataset, picks: pd.DataFrame, box: int, *, inv
     mic_names = [str(m) for m in micrographs["micrograph"].values]
     index = {m: i for i, m in enumerate(mic_names)}
     picks = picks.reset_index(drop=True)
-    key = picks["rlnMicrographName"].map(lambda s: index.get(str(s), index.get(_stem(s), -1)))
+    mic_col = picks["rlnMicrographName"].astype(str)
+    lookup = {m: index.get(m, index.get(_stem(m), -1)) for m in mic_col.unique()}  # per micrograph, not per pick
+    key = mic_col.map(lookup)
     unknown = picks[key < 0]
     coords = picks[["rlnCoordinateX", "rlnCoordinateY"]].to_numpy(float)
     inside = edge_mask(coords, shape, box) if edge == "drop" else np.ones(len(picks), bool)

@@ -59,6 +59,11 @@ def _read_or_nan(path: str, shape: tuple[int, int]) -> np.ndarray:
         return np.full((1,) + shape, np.nan, np.float32)
 
 
+def _first_pixel_finite(block: np.ndarray) -> np.ndarray:
+    """(b, ny, nx) → (b,) bool: False for the all-NaN markers of unreadable files."""
+    return ~np.isnan(block[:, 0, 0])
+
+
 def ingest_micrographs(paths: list[Path], store: str | Path, *, pixel_size: float | None = None,
                        voltage: float = 300.0, cs: float = 2.7, amplitude_contrast: float = 0.1,
                        resume: str | Path | None = None):
@@ -108,11 +113,12 @@ def ingest_micrographs(paths: list[Path], store: str | Path, *, pixel_size: floa
                           + (" ..." if len(paths) > 3 else ""))}
     ds = micrograph_dataset(images, [p.stem for p in good], attrs)
     ds["path"] = ("micrograph", np.array([str(p) for p in good], dtype=object))
+    # files whose pixels fail the checks are written as NaN markers; their flag is computed from
+    # the same read as the pixels (not by reading every stored micrograph back afterwards)
+    ds["valid"] = (("micrograph",), da.map_blocks(_first_pixel_finite, images, drop_axis=(1, 2), dtype=bool))
     write_group(ds, store, "micrographs", resume=resume, label="ingest micrographs")
     stored = open_group(store, "micrographs")
-    # files whose pixels failed the checks were written as NaN markers: find and explain them
-    first = np.asarray(stored["image"][:, 0, 0].values)
-    valid = ~np.isnan(first)
+    valid = np.asarray(stored["valid"].values, bool)
     for i in np.flatnonzero(~valid):
         try:
             read_micrograph(good[i], expected_shape=ref_shape)
@@ -121,9 +127,4 @@ def ingest_micrographs(paths: list[Path], store: str | Path, *, pixel_size: floa
             reason = str(e)
         bad.append({"file": str(good[i]), "reason": reason})
         log.warning("skipping %s", reason)
-    if (~valid).any():
-        import zarr
-
-        zarr.open_group(str(store), path="micrographs", mode="r+")["valid"][:] = valid
-        stored = open_group(store, "micrographs")
     return stored.isel(micrograph=np.flatnonzero(valid)), bad
