@@ -103,11 +103,18 @@ def _empty_picks() -> pd.DataFrame:
 # --------------------------------------------------------------------------------------------
 
 
-def _histogram(img: np.ndarray, nbins: int = 256):
-    lo, hi = float(np.min(img)), float(np.max(img))
+def _histogram(img: np.ndarray, nbins: int = 256, block: int = 1 << 20):
+    """(bin centres, counts as float64) of the grey levels of ``img`` over [min, max], binned in
+    float64. ``img`` may be float32: it is converted ``block`` pixels at a time (the counts of
+    each pixel's bin do not depend on the blocks), so no float64 copy of the image is made."""
+    flat = np.asarray(img).reshape(-1)
+    lo, hi = float(np.min(flat)), float(np.max(flat))
     if hi <= lo:
         hi = lo + 1.0
-    h, e = np.histogram(img, nbins, (lo, hi))
+    h = np.zeros(nbins, np.int64)
+    for i in range(0, max(len(flat), 1), block):
+        hb, e = np.histogram(flat[i:i + block].astype(np.float64), nbins, (lo, hi))
+        h += hb
     return 0.5 * (e[1:] + e[:-1]), h.astype(np.float64)
 
 
@@ -134,8 +141,29 @@ def _gmm(img, x, w, n_iter=300):
         if done:
             break
     dark = int(np.argmin(mu))
-    lik = pi / sd * np.exp(-0.5 * ((img[..., None] - mu) / sd) ** 2) + 1e-300
-    return lik[..., dark] / lik.sum(-1), {"means": mu, "sigmas": sd, "weights": pi}
+    return _gmm_posterior(img, mu, sd, pi, dark), {"means": mu, "sigmas": sd, "weights": pi}
+
+
+def _gmm_posterior(img, mu, sd, pi, k):
+    """Posterior of component ``k`` of the two-component mixture ``(mu, sd, pi)`` at every pixel
+    of ``img`` (float32 or float64), float64, shaped like ``img``. The arithmetic of
+    ``lik = pi/sd·exp(−½((img − mu)/sd)²) + 1e−300; lik[k] / (lik[0] + lik[1])`` in float64,
+    element for element, on two image-sized float64 buffers (in place) instead of an
+    (ny, nx, 2) array and its temporaries."""
+    lik = []
+    for j in range(2):
+        t = np.subtract(img, mu[j], dtype=np.float64)
+        t /= sd[j]
+        np.square(t, out=t)
+        t *= -0.5
+        np.exp(t, out=t)
+        t *= (pi / sd)[j]
+        t += 1e-300
+        lik.append(t)
+    post, other = lik[k], lik[1 - k]
+    np.add(lik[0], lik[1], out=other)
+    post /= other
+    return post
 
 
 def _kmeans(img, x, w, n_iter=300):
@@ -184,17 +212,19 @@ def cluster_membership(img: np.ndarray, method: str = "gmm") -> tuple[np.ndarray
     Returns ``(membership, info)``: a float32 array shaped like ``img`` in [0, 1] and the
     fitted parameters.
     """
-    img = np.asarray(img, dtype=np.float64)
+    img = np.asarray(img)
+    if img.dtype != np.float32:  # float32 is used as is (float64 arithmetic on it: the same values)
+        img = img.astype(np.float64)
+    if method not in ("gmm", "kmeans", "fcm"):
+        raise ValueError(f"unknown clustering {method!r}; choose 'gmm', 'kmeans' or 'fcm'")
     x, w = _histogram(img)
     if method == "gmm":
         u, info = _gmm(img, x, w)
-    elif method == "kmeans":
-        u, info = _kmeans(img, x, w)
-    elif method == "fcm":
-        u, info = _fcm(img, x, w)
     else:
-        raise ValueError(f"unknown clustering {method!r}; choose 'gmm', 'kmeans' or 'fcm'")
-    return np.clip(u, 0, 1).astype(np.float32), info
+        img = img.astype(np.float64, copy=False)
+        u, info = (_kmeans if method == "kmeans" else _fcm)(img, x, w)
+    np.clip(u, 0, 1, out=u)
+    return u.astype(np.float32), info
 
 
 # --------------------------------------------------------------------------------------------
@@ -215,13 +245,21 @@ def ibc_mask(membership: np.ndarray, diameter_px: float, fill_holes: bool = True
     ``fill_holes``) holes smaller than a disk of 0.6·diameter filled (hollow particles become
     solid). Returns bool.
     """
+    m = _ibc_mask_open(membership, diameter_px)
+    return _fill_particle_holes(m, diameter_px) if fill_holes else m
+
+
+def _ibc_mask_open(membership, diameter_px):
+    """:func:`ibc_mask` without ``fill_holes``."""
     m = (np.asarray(membership) > 0.5).astype(np.uint8)
     m = cv2.morphologyEx(m, cv2.MORPH_OPEN, _disk(diameter_px / 16.0)).astype(bool)
     area = np.pi * diameter_px ** 2 / 4.0
-    m = morphology.remove_small_objects(m, max_size=max(1, int(0.15 * area)))
-    if fill_holes:
-        m = morphology.remove_small_holes(m, max_size=max(1, int(np.pi * (0.3 * diameter_px) ** 2)))
-    return m
+    return morphology.remove_small_objects(m, max_size=max(1, int(0.15 * area)))
+
+
+def _fill_particle_holes(m, diameter_px):
+    """The hole filling of :func:`ibc_mask` (a new array)."""
+    return morphology.remove_small_holes(m, max_size=max(1, int(np.pi * (0.3 * diameter_px) ** 2)))
 
 
 def contamination_mask(mask: np.ndarray, diameter_px: float, rim: float = 0.35) -> np.ndarray:
@@ -250,12 +288,20 @@ def gradient_field(img: np.ndarray, sigma: float, noise_factor: float = 2.5) -> 
     but at least ``noise_factor`` × its median. For pure noise (Rayleigh-distributed
     magnitudes) p90/median ≈ 1.8, in micrographs with particles it is 2.3–3.5: the floor keeps
     noise in empty micrographs from reaching particle-like supports."""
+    gy, gx, gs, _ = _gradient_field(img, sigma, noise_factor)
+    return gy, gx, gs
+
+
+def _gradient_field(img, sigma, noise_factor):
+    """:func:`gradient_field` and ``(|∇|, its median, its 90th percentile)`` (float32 array and
+    NumPy scalars, as :func:`circular_hough` computes them) for reuse by the Hough transform."""
     img = np.asarray(img, dtype=np.float32)
     gy = ndi.gaussian_filter(img, sigma, order=(1, 0))
     gx = ndi.gaussian_filter(img, sigma, order=(0, 1))
     mag = np.hypot(gy, gx)
-    gs = max(float(np.percentile(mag, 90)), noise_factor * float(np.median(mag))) or 1.0
-    return gy, gx, gs
+    med, p90 = np.median(mag), np.percentile(mag, 90)
+    gs = max(float(p90), noise_factor * float(med)) or 1.0
+    return gy, gx, gs, (mag, med, p90)
 
 
 def visible_fraction(shape: Sequence[int], radius: float, n_angles: int = 64, pad: int = 0) -> np.ndarray:
@@ -283,24 +329,76 @@ def circular_hough(gy: np.ndarray, gx: np.ndarray, radii: Sequence[float], windo
     Shape ``(ny + 2·pad, nx + 2·pad)``; larger = more circle evidence.
     """
     mag = np.hypot(gy, gx)
-    ys, xs = np.nonzero(mag > np.median(mag))
-    m = mag[ys, xs]
-    wts = np.minimum(m / (np.percentile(mag, 90) + 1e-12), 1.0)
-    uy, ux = gy[ys, xs] / (m + 1e-12), gx[ys, xs] / (m + 1e-12)
+    return _circular_hough(gy, gx, (mag, np.median(mag), np.percentile(mag, 90)), radii, window, pad)
+
+
+def _circular_hough(gy, gx, mag_stats, radii, window=5, pad=0):
+    """:func:`circular_hough` given ``(|∇|, its median, its 90th percentile)``. The vote
+    positions ``rint(y − r·uy)`` are computed in place on cache-sized float64 buffers
+    (:data:`_HOUGH_CHUNK` votes at a time) and the votes inside the accumulator collected in
+    their order for one ``np.bincount`` per radius; the vote sums divided by 2πr are added to
+    the float32 accumulator a few rows at a time. The arithmetic (and the types NumPy promotes
+    to for the type of ``r``) of the plain expressions, so the same values, without their
+    image-sized temporaries."""
+    mag, med, p90 = mag_stats
+    sel = mag > med
+    ys, xs = np.nonzero(sel)
+    m = mag[sel]
+    wts = np.minimum(m / (p90 + 1e-12), 1.0).astype(np.float64)  # bincount's float64 weights
+    uy = gy[sel] / (m + 1e-12)
+    ux = gx[sel] / (m + 1e-12)
+    del sel, m
     ny, nx = gy.shape
     py, px = ny + 2 * pad, nx + 2 * pad
     acc_sum = np.zeros((py, px), np.float32)
+    n, ch = len(ys), _HOUGH_CHUNK
+    cy, cx = np.empty(min(n, ch)), np.empty(min(n, ch))  # cache-sized work buffers
+    idx, w = np.empty(n, np.int64), np.empty(n)  # the votes inside the accumulator, in order
+    rows = max(1, ch // max(px, 1))
+    buf = np.empty((rows, px))
     for r in radii:
-        cy = np.rint(ys - r * uy).astype(np.int64) + pad
-        cx = np.rint(xs - r * ux).astype(np.int64) + pad
-        ok = (cy >= 0) & (cy < py) & (cx >= 0) & (cx < px)
-        acc = np.bincount(cy[ok] * px + cx[ok], weights=wts[ok], minlength=py * px).reshape(py, px)
-        acc = cv2.boxFilter(acc.astype(np.float32), -1, (window, window), normalize=False,
+        k = 0
+        for a in range(0, n, ch):
+            b = min(n, a + ch)
+            for c, u, p in ((cy, uy, ys), (cx, ux, xs)):
+                c = c[:b - a]
+                if np.result_type(u, r) == np.float64:
+                    np.multiply(u[a:b], r, out=c)
+                    np.subtract(p[a:b], c, out=c)
+                else:  # r·u in float32 (a Python float radius), then as float64
+                    np.subtract(p[a:b], u[a:b] * r, out=c)
+                np.rint(c, out=c)
+                c += pad
+            qy, qx = cy[:b - a], cx[:b - a]
+            ok = (qy >= 0) & (qy < py) & (qx >= 0) & (qx < px)
+            j = k + int(np.count_nonzero(ok))
+            t = qy[ok]
+            t *= px
+            t += qx[ok]  # exact: integers far below 2**53
+            idx[k:j] = t
+            w[k:j] = wts[a:b][ok]
+            k = j
+        acc = np.bincount(idx[:k], weights=w[:k], minlength=py * px)
+        box = cv2.boxFilter(acc.astype(np.float32).reshape(py, px), -1, (window, window), normalize=False,
                             borderType=cv2.BORDER_CONSTANT)
-        acc_sum += acc / (2 * np.pi * r)
+        del acc
+        c2 = 2 * np.pi * r
+        if np.result_type(box, c2) == np.float64:  # float64 quotient, added and rounded to float32
+            for a in range(0, py, rows):
+                q = np.divide(box[a:a + rows], c2, out=buf[:min(rows, py - a)])
+                np.add(acc_sum[a:a + rows], q, out=acc_sum[a:a + rows], casting="same_kind")
+        else:
+            acc_sum += box / c2
+        del box
     acc_sum /= max(len(radii), 1)
     vis = visible_fraction((ny, nx), float(np.mean(radii)), pad=pad)
-    return acc_sum / np.maximum(vis, 0.5)
+    np.maximum(vis, 0.5, out=vis)
+    acc_sum /= vis
+    return acc_sum
+
+
+#: Votes per block of the circular Hough transform's position arithmetic (cache-sized buffers).
+_HOUGH_CHUNK = 1 << 15
 
 
 def nms_peaks(score: np.ndarray, min_distance: float, threshold: float) -> np.ndarray:
@@ -309,16 +407,29 @@ def nms_peaks(score: np.ndarray, min_distance: float, threshold: float) -> np.nd
     size = max(3, 2 * int(min_distance / 3) + 1)
     mx = ndi.maximum_filter(score, size=size, mode="nearest")
     rows, cols = np.nonzero((score >= mx) & (score >= threshold))
+    del mx
     if len(rows) == 0:
         return np.zeros((0, 2), int)
     order = np.argsort(-score[rows, cols], kind="stable")
     pts = np.c_[rows[order], cols[order]].astype(float)
+    # greedy suppression: a peak is kept unless a kept, higher-ranked one lies closer than
+    # min_distance; only the pairs closer than that (k-d tree) are visited, with the exact
+    # integer squared distances of the all-pairs rule
+    md2 = min_distance ** 2
     keep = np.ones(len(pts), bool)
-    for i in range(len(pts)):
-        if not keep[i]:
-            continue
-        d2 = ((pts[i + 1:] - pts[i]) ** 2).sum(1)
-        keep[i + 1:] &= d2 >= min_distance ** 2
+    if md2 > 0 and len(pts) > 1:
+        from scipy.spatial import cKDTree
+
+        pairs = cKDTree(pts).query_pairs(abs(float(min_distance)) + 1.0, output_type="ndarray")
+        if len(pairs):
+            d2 = ((pts[pairs[:, 0]] - pts[pairs[:, 1]]) ** 2).sum(1)
+            pairs = np.sort(pairs[d2 < md2], axis=1)  # (higher-ranked, lower-ranked)
+            pairs = pairs[np.lexsort((pairs[:, 1], pairs[:, 0]))]
+            starts = np.searchsorted(pairs[:, 0], np.arange(len(pts) + 1))
+            lower = pairs[:, 1]
+            for i in np.unique(pairs[:, 0]):
+                if keep[i]:
+                    keep[lower[starts[i]:starts[i + 1]]] = False
     return pts[keep].astype(int)
 
 
@@ -326,14 +437,19 @@ def _support(gy, gx, gs, py, px, ny_, nx_, offsets, raw=False):
     """mean over outline points of max over normal offsets of clip(g·n/gs, 0, 1); with ``raw``
     also the unclipped mean of g·n/gs exactly on the outline (a tie-breaker)."""
     ny, nx = gy.shape
+    gyf, gxf = np.ravel(gy), np.ravel(gx)
     best = None
     on = None
     for o in offsets:
         qy, qx = py + o * ny_, px + o * nx_
         inside = (qy >= 0) & (qy <= ny - 1) & (qx >= 0) & (qx <= nx - 1)
-        iy = np.clip(np.rint(qy).astype(np.int64), 0, ny - 1)
-        ix = np.clip(np.rint(qx).astype(np.int64), 0, nx - 1)
-        v = np.where(inside, (gy[iy, ix] * ny_ + gx[iy, ix] * nx_) / gs, np.nan)
+        flat = np.clip(np.rint(qy).astype(np.int64), 0, ny - 1)
+        flat *= nx
+        flat += np.clip(np.rint(qx).astype(np.int64), 0, nx - 1)
+        v = np.take(gyf, flat) * ny_
+        v += np.take(gxf, flat) * nx_
+        v /= gs
+        v[~inside] = np.nan
         best = v if best is None else np.fmax(best, v)
         if o == 0:
             on = v
@@ -373,19 +489,38 @@ def circle_support(gy, gx, gs, centres: np.ndarray, radii: Sequence[float], n_an
 
 def _box_outline(rect, n_points=48):
     """Points and outward unit normals along the outline of a cv2 rotated rect ((cx,cy),(w,h),a)."""
-    (cx, cy), (w, h), ang = rect
-    a = np.deg2rad(ang)
-    u = np.array([np.cos(a), np.sin(a)])   # along w, in (x, y)
-    v = np.array([-np.sin(a), np.cos(a)])  # along h
-    per = 2 * (w + h)
-    pts, nrm = [], []
-    sides = ((v * h / 2, u, w, v), (-v * h / 2, u, w, -v), (u * w / 2, v, h, u), (-u * w / 2, v, h, -u))
-    for (o, t, length, n) in sides:
-        k = max(2, int(round(n_points * length / max(per, 1e-9))))
-        s = (np.arange(k) + 0.5) / k - 0.5
-        pts.append(np.c_[cx + o[0] + s * length * t[0], cy + o[1] + s * length * t[1]])
-        nrm.append(np.repeat(n[None], k, 0))
-    return np.concatenate(pts), np.concatenate(nrm)
+    return _box_outlines([rect], n_points)[0]
+
+
+def _box_outlines(rects, n_points=48):
+    """:func:`_box_outline` of every rect: a list of (points (P, 2) x/y, normals (P, 2)). The
+    arithmetic of the single-rect expressions, evaluated for all the rects' points at once."""
+    if not len(rects):
+        return []
+    per_side = []  # (rect index, origin x, y, direction x, y, length, normal x, y, k)
+    for i, ((cx, cy), (w, h), ang) in enumerate(rects):
+        a = np.deg2rad(ang)
+        u = np.array([np.cos(a), np.sin(a)])   # along w, in (x, y)
+        v = np.array([-np.sin(a), np.cos(a)])  # along h
+        per = 2 * (w + h)
+        sides = ((v * h / 2, u, w, v), (-v * h / 2, u, w, -v), (u * w / 2, v, h, u), (-u * w / 2, v, h, -u))
+        for (o, t, length, n) in sides:
+            k = max(2, int(round(n_points * length / max(per, 1e-9))))
+            per_side.append((i, cx + o[0], cy + o[1], t[0], t[1], length, n[0], n[1], k))
+    tab = np.array([row[1:8] for row in per_side], dtype=np.float64)
+    ks = np.array([row[8] for row in per_side], dtype=np.int64)
+    rect_of = np.array([row[0] for row in per_side], dtype=np.int64)
+    rep = np.repeat(np.arange(len(ks)), ks)
+    j = np.arange(len(rep)) - np.repeat(np.cumsum(ks) - ks, ks)  # index within the side
+    s = (j + 0.5) / ks[rep] - 0.5
+    sl = s * tab[rep, 4]
+    x = tab[rep, 0] + sl * tab[rep, 2]
+    y = tab[rep, 1] + sl * tab[rep, 3]
+    pts = np.stack([x, y], -1)
+    nrm = tab[rep][:, 5:7]
+    ends = np.cumsum(np.bincount(rect_of, weights=ks, minlength=len(rects)).astype(np.int64))
+    starts = ends - np.bincount(rect_of, weights=ks, minlength=len(rects)).astype(np.int64)
+    return [(pts[a:b], nrm[a:b]) for a, b in zip(starts, ends)]
 
 
 def rectangle_support(gy, gx, gs, rects, offsets: Sequence[float] = (-2, -1, 0, 1, 2),
@@ -395,11 +530,18 @@ def rectangle_support(gy, gx, gs, rects, offsets: Sequence[float] = (-2, -1, 0, 
     ``return_strength`` also their mean outward gradient on the outline (units of ``gs``)."""
     out = np.zeros(len(rects))
     strength = np.zeros(len(rects))
+    outlines = _box_outlines(rects)
+    # the rectangles whose outlines have the same number of points are measured together (each
+    # row's sums are those of a rectangle on its own)
+    groups: dict[int, list[int]] = {}
+    for i, (p, _) in enumerate(outlines):
+        groups.setdefault(len(p), []).append(i)
     with np.errstate(invalid="ignore"):
-        for i, rect in enumerate(rects):
-            p, n = _box_outline(rect)
-            sup, m = _support(gy, gx, gs, p[None, :, 1], p[None, :, 0], n[None, :, 1], n[None, :, 0], offsets, raw=True)
-            out[i], strength[i] = sup[0], m[0]
+        for idx in groups.values():
+            p = np.stack([outlines[i][0] for i in idx])
+            n = np.stack([outlines[i][1] for i in idx])
+            sup, m = _support(gy, gx, gs, p[:, :, 1], p[:, :, 0], n[:, :, 1], n[:, :, 0], offsets, raw=True)
+            out[idx], strength[idx] = sup, m
     return (out, strength) if return_strength else out
 
 
@@ -408,15 +550,17 @@ def rectangle_support(gy, gx, gs, rects, offsets: Sequence[float] = (-2, -1, 0, 
 # --------------------------------------------------------------------------------------------
 
 
-def object_shapes(mask: np.ndarray, markers: np.ndarray | None = None) -> tuple[np.ndarray, pd.DataFrame]:
+def object_shapes(mask: np.ndarray, markers: np.ndarray | None = None, *,
+                  measures: bool = True) -> tuple[np.ndarray, pd.DataFrame]:
     """Split ``mask`` into one region per particle and measure each region's shape.
 
     Regions: watershed of the negated distance transform, seeded at ``markers`` (``(k, 2)``
     row/col, e.g. circle picks) plus one seed per connected component that holds no marker.
     Returns ``(labels, table)`` with, per region: ``label, row, col`` (centroid), ``area``,
-    ``feret`` (max Feret diameter, from the OpenCV convex hull), ``rect`` (cv2.minAreaRect in x/y), ``rect_w, rect_h``
-    (long, short side), ``rectangularity`` (area / box area), ``circularity``
-    (4π·area/perimeter²), ``solidity``.
+    ``rect`` (cv2.minAreaRect in x/y), ``rect_w, rect_h`` (long, short side),
+    ``rectangularity`` (area / box area) and, with ``measures`` (default), ``feret`` (max Feret
+    diameter, from the OpenCV convex hull), ``circularity`` (4π·area/perimeter²) and
+    ``solidity``. (:func:`pick_ibc` reads only the former and passes ``measures=False``.)
     """
     mask = np.asarray(mask, bool)
     cc = measure.label(mask, connectivity=2)
@@ -427,7 +571,7 @@ def object_shapes(mask: np.ndarray, markers: np.ndarray | None = None) -> tuple[
             if 0 <= r < mask.shape[0] and 0 <= c < mask.shape[1] and mask[r, c]:
                 n += 1
                 seeds[r, c] = n
-    dist = ndi.distance_transform_edt(mask)
+    dist = _distance_transform(mask)
     have = set(np.unique(cc[seeds > 0]).tolist())
     missing = [lab for lab in range(1, int(cc.max()) + 1) if lab not in have]
     if missing:
@@ -436,27 +580,63 @@ def object_shapes(mask: np.ndarray, markers: np.ndarray | None = None) -> tuple[
             seeds[r, c] = n
     if n == 0:
         return np.zeros(mask.shape, np.int32), pd.DataFrame(columns=["label"])
-    labels = segmentation.watershed(-dist, seeds, mask=mask)
+    np.negative(dist, out=dist)
+    labels = segmentation.watershed(dist, seeds, mask=mask)
+    del dist, cc, seeds
     rows = []
-    for reg in measure.regionprops(labels):
-        coords = reg.coords[:, ::-1].astype(np.float32)  # (x, y)
+    if measures:
+        regions = ((reg.label, reg.coords, reg) for reg in measure.regionprops(labels))
+    else:
+        regions = ((i + 1, _region_coords(labels, sl, i + 1), None)
+                   for i, sl in enumerate(ndi.find_objects(labels)) if sl is not None)
+    for lab, yx, reg in regions:
+        coords = yx[:, ::-1].astype(np.float32)  # (x, y)
         rect = cv2.minAreaRect(coords)
         (w, h) = rect[1]
         w, h = w + 1.0, h + 1.0  # pixel extent, not centre-to-centre
         rect = (rect[0], (w, h), rect[2])
-        perim = max(reg.perimeter, 1.0)
-        hull = cv2.convexHull(coords).reshape(-1, 2)
-        # Feret diameter: largest distance between hull vertices (+1 px: pixel extent)
-        feret = float(cdist(hull, hull).max()) + 1.0 if len(hull) > 1 else 1.0
-        # hull of pixel squares ≈ hull of centres grown by half a pixel (Pick's theorem)
-        hull_area = cv2.contourArea(hull.astype(np.float32)) + cv2.arcLength(hull.astype(np.float32), True) / 2 + 1
-        rows.append({
-            "label": reg.label, "row": reg.centroid[0], "col": reg.centroid[1], "area": float(reg.area),
-            "feret": feret, "rect": rect, "rect_w": max(w, h), "rect_h": min(w, h),
-            "rectangularity": float(reg.area) / (w * h), "circularity": 4 * np.pi * reg.area / perim ** 2,
-            "solidity": min(1.0, float(reg.area) / hull_area),
-        })
-    return labels, pd.DataFrame(rows)
+        area = float(len(yx))
+        cy, cx = yx.astype(np.float64).mean(0)  # = regionprops' centroid
+        row = {"label": lab, "row": cy, "col": cx, "area": area, "rect": rect, "rect_w": max(w, h),
+               "rect_h": min(w, h), "rectangularity": area / (w * h)}
+        if measures:
+            perim = max(reg.perimeter, 1.0)
+            hull = cv2.convexHull(coords).reshape(-1, 2)
+            # Feret diameter: largest distance between hull vertices (+1 px: pixel extent)
+            feret = float(cdist(hull, hull).max()) + 1.0 if len(hull) > 1 else 1.0
+            # hull of pixel squares ≈ hull of centres grown by half a pixel (Pick's theorem)
+            hull_area = cv2.contourArea(hull.astype(np.float32)) + cv2.arcLength(hull.astype(np.float32), True) / 2 + 1
+            row.update(feret=feret, circularity=4 * np.pi * area / perim ** 2, solidity=min(1.0, area / hull_area))
+        rows.append(row)
+    cols = ["label", "row", "col", "area"] + (["feret"] if measures else []) + \
+        ["rect", "rect_w", "rect_h", "rectangularity"] + (["circularity", "solidity"] if measures else [])
+    return labels, pd.DataFrame(rows, columns=cols)
+
+
+def _distance_transform(mask: np.ndarray) -> np.ndarray:
+    """``scipy.ndimage.distance_transform_edt(mask)``, bit for bit, from OpenCV's exact
+    Euclidean distance transform (float32): both are √k for the integer squared distance k, so
+    k is recovered exactly (rounding; its float32 error is far below ½ at these distances) and
+    its float64 square root taken, as SciPy does. Faster and without SciPy's image-sized
+    feature-transform arrays. SciPy itself where a distance could exceed 1000 px or the mask has
+    no background pixel."""
+    mask = np.asarray(mask, bool)
+    if mask.all():
+        return ndi.distance_transform_edt(mask)
+    d = cv2.distanceTransform(mask.astype(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
+    if d.max() > 1000:
+        return ndi.distance_transform_edt(mask)
+    k = np.square(d, dtype=np.float64)
+    del d
+    np.rint(k, out=k)
+    return np.sqrt(k, out=k)
+
+
+def _region_coords(labels, sl, lab):
+    """(k, 2) int (row, col) of the pixels of region ``lab`` (bounding box ``sl``) in raster
+    order, as ``regionprops(labels)[...].coords``."""
+    rr, cc = np.nonzero(labels[sl] == lab)
+    return np.stack([rr + sl[0].start, cc + sl[1].start], -1)
 
 
 #: long/short side ratio above which a compact object counts as rectangular (discs measure ≤ 1.07
@@ -487,17 +667,24 @@ def classify_view(circle_sup: float, rect_sup: float, rectangularity: float, asp
 
 def _ring_coverage(mask: np.ndarray, centres: np.ndarray, r_in: float, r_out: float) -> np.ndarray:
     """Fraction of the annulus ``r_in ≤ ρ ≤ r_out`` px around each centre (row, col) covered by
-    ``mask`` (pixels outside the image ignored)."""
+    ``mask`` (pixels outside the image ignored). Counted exactly at the centres only (no
+    image-sized filtering)."""
     if len(centres) == 0:
         return np.zeros(0)
     k = int(np.ceil(r_out))
     yy, xx = np.mgrid[-k:k + 1, -k:k + 1]
     rr = np.hypot(yy, xx)
-    ker = ((rr >= r_in) & (rr <= r_out)).astype(np.float32)
-    frac = cv2.filter2D(mask.astype(np.float32), -1, ker, borderType=cv2.BORDER_CONSTANT)
-    norm = cv2.filter2D(np.ones(mask.shape, np.float32), -1, ker, borderType=cv2.BORDER_CONSTANT)
+    ring = (rr >= r_in) & (rr <= r_out)
+    dy, dx = yy[ring], xx[ring]
     c = np.asarray(centres, int)
-    return np.clip(frac / np.maximum(norm, 1e-6), 0.0, 1.0)[c[:, 0], c[:, 1]]
+    ny, nx = mask.shape
+    frac = np.zeros(len(c))
+    for i in range(0, len(c), 1024):  # bounded (k, ring) temporaries
+        qy, qx = c[i:i + 1024, :1] + dy, c[i:i + 1024, 1:] + dx
+        inside = (qy >= 0) & (qy < ny) & (qx >= 0) & (qx < nx)
+        hit = np.asarray(mask, bool)[np.clip(qy, 0, ny - 1), np.clip(qx, 0, nx - 1)] & inside
+        frac[i:i + 1024] = hit.sum(1) / np.maximum(inside.sum(1), 1)
+    return np.clip(frac, 0.0, 1.0)
 
 
 def darkness_map(img: np.ndarray, diameter_px: float, radius: float = 0.4) -> np.ndarray:
@@ -648,21 +835,27 @@ def pick_ibc(
     ny, nx = img.shape
 
     memb, _ = cluster_membership(img, clustering)
-    mask = ibc_mask(memb, d)
-    contam = contamination_mask(ibc_mask(memb, d, fill_holes=False), d)
+    opened = _ibc_mask_open(memb, d)  # ibc_mask(memb, d, fill_holes=False)
+    mask = _fill_particle_holes(opened, d)  # ibc_mask(memb, d)
+    contam = contamination_mask(opened, d)
+    del opened
     if hough_on == "membership":
         src = ndi.gaussian_filter(1.0 - memb, max(0.5, d / 32.0))
     elif hough_on == "image":
         src = img
     else:
         raise ValueError("hough_on must be 'membership' or 'image'")
-    gy, gx, gs = gradient_field(src, max(1.0, 1.5 * d / 32.0), noise_factor)
+    del memb  # image-sized temporaries are released as soon as they are used up
+    gy, gx, gs, mag_stats = _gradient_field(src, max(1.0, 1.5 * d / 32.0), noise_factor)
+    del src
 
     r0, r1 = radius_range[0] * d, radius_range[1] * d
     radii = np.arange(r0, r1 + 1e-6, max(1.0, d / 32.0))
     pad = int(np.ceil(0.5 * d))
-    hough = circular_hough(gy, gx, radii, pad=pad)
+    hough = _circular_hough(gy, gx, mag_stats, radii, pad=pad)
+    del mag_stats
     pk = nms_peaks(hough, min_distance * d, threshold=float(np.percentile(hough, 50))) - pad
+    del hough
     pk = pk[(pk[:, 0] >= 0) & (pk[:, 0] < ny) & (pk[:, 1] >= 0) & (pk[:, 1] < nx)]  # centre inside
     sup, rad, strength = circle_support(gy, gx, gs, pk, radii, return_strength=True)
     bdist = (np.minimum.reduce([pk[:, 0], pk[:, 1], ny - 1 - pk[:, 0], nx - 1 - pk[:, 1]]) / d
@@ -689,7 +882,7 @@ def pick_ibc(
     scores = sup.copy()
 
     if side_views and not empty and len(pk) + mask.sum() > 0:
-        labels, shapes = object_shapes(mask & ~contam, pk[acc])
+        labels, shapes = object_shapes(mask & ~contam, pk[acc], measures=False)
         if len(shapes):
             area_p = np.pi * d * d / 4.0
             rsup, rstr = rectangle_support(gy, gx, gs, list(shapes["rect"]), return_strength=True)

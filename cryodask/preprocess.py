@@ -128,7 +128,9 @@ def normalise(img: np.ndarray) -> np.ndarray:
     mad = 1.4826 * np.median(np.abs(sub - med))
     if not np.isfinite(mad) or mad <= 0:
         mad = float(img.std()) or 1.0
-    return ((img - med) / mad).astype(np.float32)
+    out = img - med  # float32 (a new array: the input is never modified)
+    out /= mad
+    return out
 
 
 def downsample(img: np.ndarray, binning: float) -> np.ndarray:
@@ -142,7 +144,7 @@ def downsample(img: np.ndarray, binning: float) -> np.ndarray:
     if binning <= 1.0:
         return img
     ny, nx = downsampled_shape(img.shape, binning)
-    return cv2.resize(img, (nx, ny), interpolation=cv2.INTER_AREA).astype(np.float32)
+    return np.asarray(cv2.resize(img, (nx, ny), interpolation=cv2.INTER_AREA), dtype=np.float32)
 
 
 def flatten_background(img: np.ndarray, sigma_px: float) -> np.ndarray:
@@ -153,7 +155,7 @@ def flatten_background(img: np.ndarray, sigma_px: float) -> np.ndarray:
     """
     img = _f32(img)
     bg = cv2.GaussianBlur(img, (0, 0), sigmaX=float(sigma_px), borderType=cv2.BORDER_REFLECT)
-    return (img - bg).astype(np.float32)
+    return np.subtract(img, bg, out=bg)
 
 
 def contrast_correction(img: np.ndarray, low_pct: float = 0.5, high_pct: float = 99.5) -> np.ndarray:
@@ -166,7 +168,9 @@ def contrast_correction(img: np.ndarray, low_pct: float = 0.5, high_pct: float =
     lo, hi = np.percentile(img, [low_pct, high_pct])
     if hi <= lo:
         return np.zeros_like(img)
-    return np.clip((img - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
+    out = img - lo  # float64: np.percentile's lo, hi are float64
+    out /= hi - lo
+    return np.clip(out, 0.0, 1.0, out=out).astype(np.float32)
 
 
 def histogram_equalisation(img: np.ndarray, nbins: int = 256) -> np.ndarray:
@@ -194,11 +198,17 @@ def wiener_restoration(img: np.ndarray, radius: int = 2, noise: float | None = N
     """
     img = _f32(img)
     mu = box_filter(img, radius)
-    var = box_filter(img * img, radius) - mu * mu
-    var = np.maximum(var, 0.0)
+    var = box_filter(img * img, radius)
+    var -= mu * mu
+    np.maximum(var, 0.0, out=var)
     nu = float(var.mean()) if noise is None else float(noise)
-    gain = np.maximum(var - nu, 0.0) / np.maximum(var, max(nu, 1e-12))
-    return (mu + gain * (img - mu)).astype(np.float32)
+    gain = var - nu
+    np.maximum(gain, 0.0, out=gain)
+    gain /= np.maximum(var, max(nu, 1e-12), out=var)
+    out = img - mu
+    out *= gain
+    out += mu
+    return out
 
 
 def clahe(img: np.ndarray, tile_px: float = 128.0, clip_limit: float = 2.0) -> np.ndarray:
@@ -228,14 +238,24 @@ def guided_filter(img: np.ndarray, radius: int = 2, eps: float = 1e-2, guide: np
     p = _f32(img)
     guide_img = p if guide is None else _f32(guide)
     mean_i = box_filter(guide_img, radius)
-    mean_p = box_filter(p, radius)
-    corr_ip = box_filter(guide_img * p, radius)
-    corr_ii = box_filter(guide_img * guide_img, radius)
-    var_i = corr_ii - mean_i * mean_i
-    cov_ip = corr_ip - mean_i * mean_p
-    a = cov_ip / (var_i + eps)
-    b = mean_p - a * mean_i
-    return (box_filter(a, radius) * guide_img + box_filter(b, radius)).astype(np.float32)
+    var_i = box_filter(guide_img * guide_img, radius)
+    var_i -= mean_i * mean_i
+    if guide is None:  # self-guided: mean_p = mean_i and cov_ip = var_i (the same values)
+        mean_p, cov_ip = mean_i, var_i
+    else:
+        mean_p = box_filter(p, radius)
+        cov_ip = box_filter(guide_img * p, radius)
+        cov_ip -= mean_i * mean_p
+    a = var_i + eps
+    np.divide(cov_ip, a, out=a)
+    del var_i, cov_ip
+    b = a * mean_i
+    np.subtract(mean_p, b, out=b)
+    del mean_i, mean_p
+    out = box_filter(a, radius)
+    out *= guide_img
+    out += box_filter(b, radius)
+    return out
 
 
 def _disk(radius: int) -> np.ndarray:
@@ -254,8 +274,7 @@ def morphological_open_close(img: np.ndarray, radius: int = 1) -> np.ndarray:
         return img
     k = _disk(radius)
     out = cv2.morphologyEx(img, cv2.MORPH_OPEN, k, borderType=cv2.BORDER_REFLECT)
-    out = cv2.morphologyEx(out, cv2.MORPH_CLOSE, k, borderType=cv2.BORDER_REFLECT)
-    return out.astype(np.float32)
+    return cv2.morphologyEx(out, cv2.MORPH_CLOSE, k, borderType=cv2.BORDER_REFLECT)
 
 
 # --------------------------------------------------------------------------------------------

@@ -625,3 +625,96 @@ def test_view_split_must_hold_out_of_sample():
         assert not PK._split_holds(z1, s1, 5)  # held out: one mode
     labels = np.concatenate(PK.classify_views([f[t == "top"] for f, t in zip(feats, truth)]))
     assert (labels == "top").all()
+
+
+# ---------------------------------------------------------------------------------------------
+# fast kernels: the same values as their plain (memory-hungry) formulations
+# ---------------------------------------------------------------------------------------------
+
+
+def _nms_all_pairs(score, min_distance, threshold):
+    size = max(3, 2 * int(min_distance / 3) + 1)
+    mx = ndi.maximum_filter(score, size=size, mode="nearest")
+    rows, cols = np.nonzero((score >= mx) & (score >= threshold))
+    if len(rows) == 0:
+        return np.zeros((0, 2), int)
+    order = np.argsort(-score[rows, cols], kind="stable")
+    pts = np.c_[rows[order], cols[order]].astype(float)
+    keep = np.ones(len(pts), bool)
+    for i in range(len(pts)):
+        if keep[i]:
+            keep[i + 1:] &= ((pts[i + 1:] - pts[i]) ** 2).sum(1) >= min_distance ** 2
+    return pts[keep].astype(int)
+
+
+def test_nms_peaks_equals_all_pairs_greedy_suppression():
+    rng = np.random.default_rng(0)
+    for trial in range(40):
+        s = rng.random((int(rng.integers(10, 90)), int(rng.integers(10, 90))))
+        if trial % 2:
+            s = np.round(s * 4) / 4  # many ties
+        md = float(rng.choice([1.0, 2.5, 6.0, 11.3]))
+        assert np.array_equal(PK.nms_peaks(s, md, 0.3), _nms_all_pairs(s, md, 0.3))
+
+
+def test_circular_hough_and_membership_equal_plain_expressions():
+    rng = np.random.default_rng(1)
+    img = rng.normal(size=(70, 90)).astype(np.float32)
+    img[20:45, 30:55] -= 2.0
+    gy, gx, _ = PK.gradient_field(img, 1.5)
+    for radii, pad in ((np.arange(6.5, 11.0), 5), (np.arange(6, 10), 0), ([6.0, 7.5, 9.25], 3)):
+        mag = np.hypot(gy, gx)
+        ys, xs = np.nonzero(mag > np.median(mag))
+        m = mag[ys, xs]
+        w = np.minimum(m / (np.percentile(mag, 90) + 1e-12), 1.0)
+        uy, ux = gy[ys, xs] / (m + 1e-12), gx[ys, xs] / (m + 1e-12)
+        py, px = 70 + 2 * pad, 90 + 2 * pad
+        ref = np.zeros((py, px), np.float32)
+        for r in radii:
+            cy = np.rint(ys - r * uy).astype(np.int64) + pad
+            cx = np.rint(xs - r * ux).astype(np.int64) + pad
+            ok = (cy >= 0) & (cy < py) & (cx >= 0) & (cx < px)
+            acc = np.bincount(cy[ok] * px + cx[ok], weights=w[ok], minlength=py * px).reshape(py, px)
+            acc = PK.cv2.boxFilter(acc.astype(np.float32), -1, (5, 5), normalize=False,
+                                   borderType=PK.cv2.BORDER_CONSTANT)
+            ref += acc / (2 * np.pi * r)
+        ref /= len(radii)
+        ref = ref / np.maximum(PK.visible_fraction((70, 90), float(np.mean(radii)), pad=pad), 0.5)
+        assert np.array_equal(PK.circular_hough(gy, gx, radii, pad=pad), ref)
+    # GMM membership: posterior of the dark component, float64 arithmetic
+    u, info = PK.cluster_membership(img, "gmm")
+    mu, sd, pi = info["means"], info["sigmas"], info["weights"]
+    lik = pi / sd * np.exp(-0.5 * ((img.astype(np.float64)[..., None] - mu) / sd) ** 2) + 1e-300
+    ref = np.clip(lik[..., int(np.argmin(mu))] / lik.sum(-1), 0, 1).astype(np.float32)
+    assert np.array_equal(u, ref)
+
+
+def test_shape_kernels_equal_their_plain_versions():
+    rng = np.random.default_rng(2)
+    mask = ndi.gaussian_filter(rng.random((150, 170)), 3) > 0.5
+    # exact Euclidean distance transform: SciPy's values, bit for bit
+    for m in (mask, ~mask, rng.random((40, 50)) < 0.9, np.zeros((5, 5), bool), np.ones((6, 4), bool)):
+        assert np.array_equal(PK._distance_transform(m), ndi.distance_transform_edt(m))
+    markers = np.argwhere(mask)[rng.choice(int(mask.sum()), 6, replace=False)]
+    lab, full = PK.object_shapes(mask, markers)
+    lab2, slim = PK.object_shapes(mask, markers, measures=False)
+    assert np.array_equal(lab, lab2) and len(full) == len(slim) > 3
+    for c in ("label", "row", "col", "area", "rect_w", "rect_h", "rectangularity"):
+        assert np.array_equal(full[c].to_numpy(), slim[c].to_numpy()), c
+    assert {"feret", "circularity", "solidity"} <= set(full.columns) and "feret" not in slim.columns
+    # rectangles measured together = one at a time
+    img = rng.normal(size=(150, 170)).astype(np.float32)
+    gy, gx, gs = PK.gradient_field(img, 1.5)
+    rects = list(full["rect"]) + [((20.0, 30.0), (11.0, 7.0), 33.0), ((160.0, 5.0), (30.0, 2.0), -80.0)]
+    s_all, m_all = PK.rectangle_support(gy, gx, gs, rects, return_strength=True)
+    for i, r in enumerate(rects):
+        s1, m1 = PK.rectangle_support(gy, gx, gs, [r], return_strength=True)
+        assert s1[0] == s_all[i] and m1[0] == m_all[i]
+    # ring coverage: exact fraction of the annulus inside the image
+    cov = PK._ring_coverage(mask, np.array([[0, 0], [75, 85], [149, 169]]), 4.0, 8.0)
+    yy, xx = np.mgrid[-8:9, -8:9]
+    ring = (np.hypot(yy, xx) >= 4.0) & (np.hypot(yy, xx) <= 8.0)
+    for k, (r, c) in enumerate([(0, 0), (75, 85), (149, 169)]):
+        qy, qx = r + yy[ring], c + xx[ring]
+        ins = (qy >= 0) & (qy < 150) & (qx >= 0) & (qx < 170)
+        assert cov[k] == mask[qy[ins], qx[ins]].mean()

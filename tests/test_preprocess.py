@@ -164,3 +164,43 @@ def test_preprocess_graph_is_lazy_and_equals_kernel():
     out = g.compute(scheduler="sync")
     for i in range(3):
         np.testing.assert_array_equal(out[i], P.preprocess_micrograph(stack[i], 1.5, 115))
+
+
+def test_in_place_kernels_equal_their_plain_expressions():
+    """The kernels compute in place on few buffers; the values must be those of the plain
+    expressions of their formulas, bit for bit (the picks downstream must not move)."""
+    rng = np.random.default_rng(7)
+    img = (rng.normal(size=(97, 131)) * 40 + 300).astype(np.float32)
+    box = lambda a, r: P.box_filter(a, r)  # noqa: E731
+    # normalise
+    sub = img[::1, ::1]
+    med = np.median(sub)
+    mad = 1.4826 * np.median(np.abs(sub - med))
+    assert np.array_equal(P.normalise(img), ((img - med) / mad).astype(np.float32))
+    # flatten
+    bg = P.cv2.GaussianBlur(img, (0, 0), sigmaX=5.0, borderType=P.cv2.BORDER_REFLECT)
+    assert np.array_equal(P.flatten_background(img, 5.0), (img - bg).astype(np.float32))
+    # contrast (np.percentile gives float64 limits: float64 arithmetic, then float32)
+    lo, hi = np.percentile(img, [0.5, 99.5])
+    out = P.contrast_correction(img)
+    assert out.dtype == np.float32
+    assert np.array_equal(out, np.clip((img - lo) / (hi - lo), 0.0, 1.0).astype(np.float32))
+    # Wiener
+    mu = box(img, 2)
+    var = np.maximum(box(img * img, 2) - mu * mu, 0.0)
+    nu = float(var.mean())
+    gain = np.maximum(var - nu, 0.0) / np.maximum(var, max(nu, 1e-12))
+    assert np.array_equal(P.wiener_restoration(img, 2), (mu + gain * (img - mu)).astype(np.float32))
+    # guided filter, self-guided and with a separate guide
+    p = P.contrast_correction(img)
+    for guide in (None, rng.random(img.shape).astype(np.float32)):
+        g = p if guide is None else guide
+        mi, mp = box(g, 2), box(p, 2)
+        a = (box(g * p, 2) - mi * mp) / (box(g * g, 2) - mi * mi + 1e-2)
+        b = mp - a * mi
+        ref = (box(a, 2) * g + box(b, 2)).astype(np.float32)
+        assert np.array_equal(P.guided_filter(p, 2, 1e-2, guide=guide), ref)
+    # the input is never modified
+    before = img.copy()
+    P.preprocess_micrograph(img, 1.5, 60.0)
+    assert np.array_equal(img, before)
