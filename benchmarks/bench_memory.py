@@ -2,8 +2,9 @@
 
 Simulates N small micrographs (default 512², apoferritin-like at 3 Å/px; cached in --work), then
 runs ingest → preprocess → pick → extract on a fresh 2-worker ``distributed.LocalCluster`` and
-reports, per worker process, the peak resident set size (``getrusage(RUSAGE_SELF).ru_maxrss``
-read on the worker at the end, so it is the true peak of that process, start-up included) and
+reports, per worker process, the peak resident set size (Linux ``VmHWM``, read on the worker at
+the end: the true peak of that process, start-up included; not ``ru_maxrss``, which a spawned
+worker inherits from the driver) and
 the largest RSS seen by a 0.25 s sampler; also the driver's (this process's) peak. With two or
 more counts it prints the ratio of the largest to the smallest worker peak.
 
@@ -17,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import threading
@@ -53,7 +53,9 @@ def simulate(work: Path, n: int, size: int, seed: int) -> Path:
 def _worker_peak() -> dict:
     import psutil
 
-    return {"maxrss_MiB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    from cryodask.runtime import peak_rss_mib
+
+    return {"maxrss_MiB": peak_rss_mib(),
             "rss_MiB": psutil.Process().memory_info().rss / MiB, "pid": os.getpid()}
 
 
@@ -68,6 +70,7 @@ def measure(sim: Path, out: Path, workers: int, stages: list[str]) -> dict:
 
     from cryodask.cluster import ClusterConfig, client_for
     from cryodask.pipeline import RunConfig, run_pipeline
+    from cryodask.runtime import peak_rss_mib
 
     shutil.rmtree(out, ignore_errors=True)
     cfg = RunConfig.load(None, overrides={"micrographs": [str(sim / "micrographs" / "*.mrc")], "pixel_size": 3.0,
@@ -120,7 +123,7 @@ def measure(sim: Path, out: Path, workers: int, stages: list[str]) -> dict:
         "worker_idle_MiB": sorted(round(v["rss_MiB"], 1) for v in start.values()),
         "worker_sampled_max_MiB": sorted(round(v, 1) for v in sampled.values()),
         "worker_sampled_max_by_stage_MiB": per_stage,
-        "driver_peak_MiB": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "driver_peak_MiB": round(peak_rss_mib(), 1),
     }
 
 

@@ -5,8 +5,8 @@ Micrographs per second for the whole ``cryodask.pick.pick_graph(..., method="ibc
 from a zarr store → preprocess → pick, one task chain per micrograph) on a
 ``distributed.LocalCluster`` with ``n_workers`` = 1 and 2 (``threads_per_worker=1``, one process
 per worker; OpenCV and BLAS limited to one thread in the workers), for 1240×1200 and
-4096×4096 micrographs, and the peak resident memory of every worker process (``ru_maxrss`` of a
-fresh cluster). Each configuration is run ``--repeat`` times, the worker counts interleaved
+4096×4096 micrographs, and the peak resident memory of every worker process (Linux ``VmHWM`` of
+a fresh cluster; ``ru_maxrss`` would report the driver's peak, which spawned workers inherit). Each configuration is run ``--repeat`` times, the worker counts interleaved
 (1, 2, 1, 2, …) so that slow drifts of the machine hit both alike; the medians are reported and
 the scaling is the ratio of the median throughputs. The machine's load average is printed:
 other processes sharing the cores distort the scaling.
@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import tempfile
 import time
@@ -74,7 +73,9 @@ def _mosaic(srcs, shape, seed):
 
 
 def _peak_rss_mb():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    from cryodask.runtime import peak_rss_mib
+
+    return peak_rss_mib()
 
 
 def _single_threaded():

@@ -61,6 +61,11 @@ class ClusterConfig:
         starting a cluster; it is left running afterwards.
       startup_timeout: seconds to wait for the first worker before giving up with a message
         (default: no wait for local; for slurm/kubernetes compute simply waits for the queue).
+      worker_saturation: the scheduler's ``distributed.scheduler.worker-saturation`` (tasks queued
+        per worker thread) for the schedulers cryodask starts (local, cuda, slurm). Default 1.0:
+        each worker holds one task at a time, so at the end of a stage of a few long tasks no
+        worker runs two back to back while another is idle (Dask's default, 1.1, rounds up to
+        two per single-threaded worker). ``None`` keeps Dask's configuration.
     local: ``processes=False`` runs the workers as threads of this process (fast start-up);
       ``memory_limit`` per worker (``"auto"``: the machine's memory shared out).
     slurm (one SLURM job = ``cores // threads_per_worker`` worker processes):
@@ -90,6 +95,7 @@ class ClusterConfig:
     local_directory: str | None = None
     scheduler_address: str | None = None
     startup_timeout: float | None = None
+    worker_saturation: float | None = 1.0
     # batch systems
     cores: int | None = None
     memory: str | None = None
@@ -139,6 +145,9 @@ class ClusterConfig:
                 raise CryodaskError(f"cluster setting {name} must be a whole number ≥ 0, got {v!r}")
         if self.threads_per_worker < 1:
             raise CryodaskError("cluster setting threads_per_worker must be ≥ 1")
+        ws = self.worker_saturation
+        if ws is not None and (isinstance(ws, bool) or not isinstance(ws, (int, float)) or not ws > 0):
+            raise CryodaskError(f"cluster setting worker_saturation must be a number > 0 (or null), got {ws!r}")
         for name in ("job_extra_directives", "job_script_prologue", "worker_extra_args"):
             v = getattr(self, name)
             if isinstance(v, str):
@@ -432,7 +441,14 @@ def make_cluster(cfg: ClusterConfig):
         deploy = _DEPLOYERS[cfg.kind]
     except KeyError:
         raise CryodaskError(f"unknown cluster kind {cfg.kind!r}: use {', '.join(KINDS)}") from None
-    return deploy(cfg)
+    import dask
+
+    # the scheduler reads this when it starts (local, cuda and slurm schedulers run in this
+    # process; a Kubernetes scheduler pod has its own configuration)
+    sat = {} if cfg.worker_saturation is None else {"distributed.scheduler.worker-saturation":
+                                                        float(cfg.worker_saturation)}
+    with dask.config.set(sat):
+        return deploy(cfg)
 
 
 def _wait_for_first_worker(client, cfg: ClusterConfig) -> None:

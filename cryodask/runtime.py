@@ -151,3 +151,23 @@ def stage_timer(record: dict, name: str) -> Iterator[dict]:
         entry["seconds"] = round(time.perf_counter() - t0, 3)
         record[name] = entry
         log.info("stage %s: done in %.1f s", name, entry["seconds"])
+
+
+def peak_rss_mib() -> float:
+    """Peak resident memory of this process, MiB (Linux ``VmHWM``).
+
+    Not ``getrusage().ru_maxrss``: Linux keeps that across ``execve``, so a worker process spawned
+    (fork + exec) by a large parent reports the parent's peak until it grows past it. Falls back
+    to ``ru_maxrss`` where ``/proc`` is missing.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1024.0 * 1024.0) if sys.platform == "darwin" else peak / 1024.0

@@ -232,3 +232,47 @@ def test_kubernetes_cluster_spec():
     assert container["image"] == "reg/cd:1"
     assert container["resources"]["limits"] == {"cpu": "2", "memory": "8Gi"}
     assert container["args"][:2] == ["dask", "worker"] and "cryodask.cluster" in container["args"]
+
+
+def test_worker_saturation_reaches_the_scheduler():
+    import dask
+    import distributed  # noqa: F401 - loads its configuration defaults
+
+    default = dask.config.get("distributed.scheduler.worker-saturation")
+    for value, expected in ((None, default), (1.0, 1.0), (2.5, 2.5)):
+        cluster = make_cluster(ClusterConfig(kind="local", n_workers=1, processes=False, dashboard_address=":0",
+                                             worker_saturation=value))
+        try:
+            assert cluster.scheduler.WORKER_SATURATION == expected
+        finally:
+            cluster.close()
+    assert dask.config.get("distributed.scheduler.worker-saturation") == default  # not changed for others
+    for bad in (0, -1.0, "high", True):
+        with pytest.raises(CryodaskError, match="worker_saturation must be a number > 0"):
+            ClusterConfig(worker_saturation=bad)
+
+
+def _child_peak(q):
+    from cryodask.runtime import peak_rss_mib
+
+    q.put(peak_rss_mib())
+
+
+def test_peak_rss_of_a_spawned_process_is_its_own():
+    """Workers are spawned (fork + exec): their peak must not be the parent's (ru_maxrss would be)."""
+    import multiprocessing as mp
+
+    import numpy as np
+
+    from cryodask.runtime import peak_rss_mib
+
+    big = np.ones(50_000_000)  # 400 MB in this process
+    assert peak_rss_mib() > 380
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    p = ctx.Process(target=_child_peak, args=(q,))
+    p.start()
+    child = q.get(timeout=120)
+    p.join()
+    del big
+    assert 5 < child < 300
