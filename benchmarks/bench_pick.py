@@ -88,14 +88,17 @@ def _single_threaded():
 
 
 def run_one(store: str, n_workers: int, names):
-    from distributed import Client, LocalCluster
+    from distributed import Client
 
+    from cryodask.cluster import ClusterConfig, make_cluster
     from cryodask.pick import pick_graph
 
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[var] = "1"  # inherited by the worker processes
-    with LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True, dashboard_address=":0",
-                      memory_limit="6GiB") as cluster, Client(cluster) as client:
+    # the LocalCluster `cryodask run` starts (its scheduler settings included)
+    cfg = ClusterConfig(n_workers=n_workers, threads_per_worker=1, processes=True, dashboard_address=":0",
+                        memory_limit="6GiB")
+    with make_cluster(cfg) as cluster, Client(cluster) as client:
         arr = da.from_zarr(store)
         client.run(lambda: __import__("cryodask.pick"))  # import cost outside the timing
         client.run(_single_threaded)
