@@ -6,7 +6,8 @@ from a zarr store → preprocess → pick, one task chain per micrograph) on a
 ``distributed.LocalCluster`` with ``n_workers`` = 1 and 2 (``threads_per_worker=1``, one process
 per worker; OpenCV and BLAS limited to one thread in the workers), for 1240×1200 and
 4096×4096 micrographs, and the peak resident memory of every worker process (Linux ``VmHWM`` of
-a fresh cluster; ``ru_maxrss`` would report the driver's peak, which spawned workers inherit). Each configuration is run ``--repeat`` times, the worker counts interleaved
+a fresh cluster; ``ru_maxrss`` would report the driver's peak, which spawned workers inherit).
+Each configuration is run ``--repeat`` times, the worker counts interleaved
 (1, 2, 1, 2, …) so that slow drifts of the machine hit both alike; the medians are reported and
 the scaling is the ratio of the median throughputs. The machine's load average is printed:
 other processes sharing the cores distort the scaling.
@@ -72,26 +73,12 @@ def _mosaic(srcs, shape, seed):
     return out
 
 
-def _peak_rss_mb():
-    from cryodask.runtime import peak_rss_mib
-
-    return peak_rss_mib()
-
-
-def _single_threaded():
-    """One core per worker: OpenCV and BLAS/OpenMP would otherwise spread each task over all
-    cores, so that a single worker already uses several and a second one cannot add them."""
-    import cv2
-
-    cv2.setNumThreads(1)
-    return cv2.getNumThreads()
-
-
 def run_one(store: str, n_workers: int, names):
     from distributed import Client
 
-    from cryodask.cluster import ClusterConfig, make_cluster
+    from cryodask.cluster import ClusterConfig, limit_threads, make_cluster
     from cryodask.pick import pick_graph
+    from cryodask.runtime import peak_rss_mib
 
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[var] = "1"  # inherited by the worker processes
@@ -101,12 +88,12 @@ def run_one(store: str, n_workers: int, names):
     with make_cluster(cfg) as cluster, Client(cluster) as client:
         arr = da.from_zarr(store)
         client.run(lambda: __import__("cryodask.pick"))  # import cost outside the timing
-        client.run(_single_threaded)
+        client.run(limit_threads)  # one OpenCV/torch thread per worker, as `cryodask run` sets
         t0 = time.perf_counter()
         graph = pick_graph(arr, names, PIXEL, DIAMETER, method="ibc")
         results = dask.compute(graph)[0]
         wall = time.perf_counter() - t0
-        rss = client.run(_peak_rss_mb)
+        rss = client.run(peak_rss_mib)
     n_picks = int(sum(len(v) for v in results.values()))
     return {"workers": n_workers, "wall_s": wall, "micrographs_per_s": len(names) / wall,
             "peak_rss_mb_per_worker": sorted(rss.values()), "picks": n_picks}
