@@ -84,6 +84,7 @@ def main(argv=None) -> int:
     limit_threads()
     for mod in ("ingest", "preprocess", "ctf_estimate", "pick", "extract", "select", "align2d", "pipeline"):
         importlib.import_module(f"cryodask.{mod}")
+    importlib.import_module("matplotlib.pyplot")  # the align2d gallery's, on the driver
     load0 = os.getloadavg()
     runs: dict[int, list[dict]] = {w: [] for w in args.workers}
     for _ in range(args.repeat):

@@ -33,8 +33,8 @@ from .errors import CryodaskError
 
 log = logging.getLogger("cryodask")
 
-__all__ = ["ClusterConfig", "make_cluster", "client_for", "limit_threads", "slurm_job_script",
-           "kubernetes_cluster_spec", "KINDS"]
+__all__ = ["ClusterConfig", "make_cluster", "client_for", "limit_threads", "tune_malloc", "worker_setup",
+           "slurm_job_script", "kubernetes_cluster_spec", "KINDS"]
 
 KINDS = ("local", "cuda", "slurm", "kubernetes")
 
@@ -188,16 +188,50 @@ def limit_threads() -> None:
         pass
 
 
+#: glibc's ``M_MMAP_THRESHOLD`` for worker processes (bytes): allocations below it come from the
+#: heap and are reused, allocations above it are mapped and unmapped each time
+MMAP_THRESHOLD_BYTES = 32 * 1024 * 1024
+
+
+def tune_malloc(threshold: int = MMAP_THRESHOLD_BYTES) -> bool:
+    """Worker set-up: keep the kernels' temporaries (0.1–30 MB arrays) in glibc's heap.
+
+    Dask's nanny starts workers with ``MALLOC_TRIM_THRESHOLD_=65536`` so that freed memory goes
+    back to the system. Setting that variable also switches off glibc's adaptive mmap threshold:
+    every array above 128 kB is then a fresh ``mmap`` and ``munmap``, and each of its pages is
+    faulted in and zeroed by the kernel. Measured on a 2-core VM (one process, 8 micrographs of
+    1024² px): CTF estimation took 2.6× as long with it, picking 1.4×, particle features 1.2×. Fixing the mmap threshold at 32 MB (glibc's own adaptive ceiling)
+    restores the speed, and the trim threshold still returns the heap's free top to the system
+    (picking also trims explicitly). Left alone when ``MALLOC_MMAP_THRESHOLD_`` is set in the
+    environment or the C library is not glibc. Returns whether the threshold was set."""
+    if "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        return False
+    try:
+        import ctypes
+
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to tune
+        return False
+    m_mmap_threshold = -3  # <malloc.h>
+    return bool(mallopt(m_mmap_threshold, int(threshold)))
+
+
+def worker_setup() -> None:
+    """What every worker runs once: :func:`limit_threads` and :func:`tune_malloc`."""
+    limit_threads()
+    tune_malloc()
+
+
 def _thread_limiter_cls():
     from distributed.diagnostics.plugin import WorkerPlugin
 
     class ThreadLimiter(WorkerPlugin):
-        """Apply :func:`limit_threads` on every worker, including ones that join later."""
+        """Apply :func:`worker_setup` on every worker, including ones that join later."""
 
         name = "cryodask-threads"
 
         def setup(self, worker):
-            limit_threads()
+            worker_setup()
 
     return ThreadLimiter
 
@@ -208,7 +242,7 @@ def _ThreadLimiter():  # noqa: N802 - factory so distributed is imported lazily
 
 # ``dask worker --preload cryodask.cluster`` runs this on workers started outside cryodask
 def dask_setup(worker=None):  # pragma: no cover - exercised on batch-system workers
-    limit_threads()
+    worker_setup()
 
 
 _WORKER_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}

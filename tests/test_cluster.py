@@ -276,3 +276,48 @@ def test_peak_rss_of_a_spawned_process_is_its_own():
     p.join()
     del big
     assert 5 < child < 300
+
+
+def _mapped_blocks_for_4mb_array() -> int:
+    """glibc's count of mmap-ed blocks that one 4 MB array adds while it lives (mallinfo2)."""
+    import ctypes
+
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                   "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+    f = ctypes.CDLL("libc.so.6").mallinfo2
+    f.restype = MallInfo2
+    before = f().hblks
+    a = np.ones(1 << 20, np.float32)
+    after = f().hblks
+    del a
+    return int(after - before)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc")
+def test_workers_keep_kernel_temporaries_in_the_heap():
+    """Dask's nanny sets MALLOC_TRIM_THRESHOLD_, which makes glibc mmap every array > 128 kB (a
+    page-faulted, zeroed mapping per temporary); cryodask's worker set-up raises the mmap
+    threshold so a 4 MB temporary comes from the heap."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").mallinfo2
+    except (OSError, AttributeError):
+        pytest.skip("no glibc mallinfo2")
+    with client_for(ClusterConfig(n_workers=1, dashboard_address=":0"), announce=lambda m: None) as client:
+        env = client.run(lambda: __import__("os").environ.get("MALLOC_TRIM_THRESHOLD_"))
+        mapped = client.run(_mapped_blocks_for_4mb_array)
+    assert set(env.values()) == {"65536"}  # Dask's setting is kept: freed memory still goes back
+    assert set(mapped.values()) == {0}
+    # the same process without the set-up maps it (what every worker did before)
+    import os
+    import subprocess
+    from pathlib import Path
+
+    code = ("import sys; sys.path.insert(0, %r); import tests.test_cluster as t; "
+            "print(t._mapped_blocks_for_4mb_array())") % str(Path(__file__).parents[1])
+    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "MALLOC_TRIM_THRESHOLD_": "65536"},
+                         capture_output=True, text=True, check=True).stdout
+    assert int(out.strip()) == 1
