@@ -683,6 +683,62 @@ def _hash(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+#: Dask priority of a stage's computes when it overlaps others (default 0; higher runs first).
+#: CTF estimation is needed only by extract, so it runs beside preprocess and pick and fills
+#: the workers' idle moments (each stage's last tasks, picking's dataset-wide step, the driver's
+#: serial work between computes) instead of holding them up.
+PRIORITY = {"ctf": -1}
+
+
+def _run_stages(todo: list[str], wanted: list[str], run_stage: Callable[[str], None]) -> None:
+    """Run the stages in ``todo``, each as soon as the stages it reads (:data:`DEPENDS`, among
+    ``wanted``) are done: independent stages (e.g. ``ctf`` beside ``preprocess`` → ``pick``) run
+    at the same time, in threads that submit to the same Dask client. After a failure no new
+    stage starts; those running finish (and write their completion records) and the first error
+    is raised."""
+    from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+
+    from .runtime import inherit_scope, scope_state
+
+    if len(todo) <= 1:
+        for name in todo:
+            run_stage(name)
+        return
+    state = scope_state()
+
+    def in_thread(name: str) -> None:
+        with inherit_scope(state, PRIORITY.get(name, 0) + state["priority"]):
+            run_stage(name)
+
+    def needs(name: str) -> set[str]:
+        deps = DEPENDS.get(name, tuple(wanted[:wanted.index(name)]))
+        return {d for d in deps if d in todo}
+
+    pending, done, running, error = list(todo), set(), {}, None
+    pool = ThreadPoolExecutor(max_workers=len(todo), thread_name_prefix="cryodask-stage")
+    try:
+        while pending or running:
+            if error is None:
+                for name in [n for n in pending if needs(n) <= done]:
+                    pending.remove(name)
+                    running[pool.submit(in_thread, name)] = name
+            if not running:
+                break
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for fut in finished:
+                name = running.pop(fut)
+                exc = fut.exception()
+                if exc is None:
+                    done.add(name)
+                elif error is None:
+                    error = exc
+    finally:
+        # Ctrl-C: return at once; the client's shutdown then ends the stages still computing
+        pool.shutdown(wait=False, cancel_futures=True)
+    if error is not None:
+        raise error
+
+
 def run_pipeline(cfg: RunConfig, cluster_cfg=None) -> dict[str, Any]:
     """Run (or resume) the pipeline; returns the report dict (also written to OUT/report.json)."""
     from .cli import _maybe_client
@@ -700,28 +756,36 @@ def run_pipeline(cfg: RunConfig, cluster_cfg=None) -> dict[str, Any]:
         wanted.remove("localized")  # slow and envelope-level (see README): run it when asked for
     t0 = time.perf_counter()
     hashes: dict[str, str] = {}
+    todo: list[str] = []
+    for name in wanted:
+        deps = DEPENDS.get(name, tuple(hashes))
+        hashes[name] = _hash([name, _stage_params(cfg, name), [hashes[d] for d in deps if d in hashes]])
+        rec_path = out / "stages" / f"{name}.json"
+        rec = _read_record(rec_path)
+        if rec is not None and rec.get("hash") == hashes[name]:
+            log.info("stage %s: up to date (completion record %s), not recomputed", name, rec_path)
+            ctx.results[name] = rec["result"]
+            report["stages"][name] = {**rec["result"], "resumed": True}
+            report["timings_s"][name] = rec.get("seconds", 0.0)
+            continue
+        if rec is not None:
+            log.info("stage %s: parameters or upstream stages changed since its completion record, re-running", name)
+        todo.append(name)
+
+    def run_stage(name: str) -> None:
+        with stage_timer(report["timings_s"], name):
+            result = STAGES[name](ctx)
+        ctx.results[name] = result
+        report["stages"][name] = result
+        _write_record(out / "stages" / f"{name}.json",
+                      {"hash": hashes[name], "result": result, "seconds": report["timings_s"][name]["seconds"]})
+
     with _maybe_client(cluster_cfg):
-        for name in wanted:
-            deps = DEPENDS.get(name, tuple(hashes))
-            h = _hash([name, _stage_params(cfg, name), [hashes[d] for d in deps if d in hashes]])
-            hashes[name] = h
-            rec_path = out / "stages" / f"{name}.json"
-            rec = _read_record(rec_path)
-            if rec is not None:
-                if rec.get("hash") == h:
-                    log.info("stage %s: up to date (completion record %s), not recomputed", name, rec_path)
-                    ctx.results[name] = rec["result"]
-                    report["stages"][name] = {**rec["result"], "resumed": True}
-                    report["timings_s"][name] = rec.get("seconds", 0.0)
-                    continue
-                log.info("stage %s: parameters or upstream stages changed since its completion record, re-running",
-                         name)
-            with stage_timer(report["timings_s"], name):
-                result = STAGES[name](ctx)
-            ctx.results[name] = result
-            report["stages"][name] = result
-            _write_record(rec_path, {"hash": h, "result": result, "seconds": report["timings_s"][name]["seconds"]})
-    report["timings_s"] = {k: (v["seconds"] if isinstance(v, dict) else v) for k, v in report["timings_s"].items()}
+        _run_stages(todo, wanted, run_stage)
+    # stages that overlapped finish in any order: report them in pipeline order
+    report["stages"] = {k: report["stages"][k] for k in ORDER if k in report["stages"]}
+    report["timings_s"] = {k: (v["seconds"] if isinstance(v, dict) else v) for k, v in
+                           sorted(report["timings_s"].items(), key=lambda kv: ORDER.index(kv[0]))}
     report["total_seconds"] = round(time.perf_counter() - t0, 2)
     report["bad_inputs"] = ctx.bad_inputs
     report["summary"] = ", ".join(f"{k}: ok" for k in report["stages"])

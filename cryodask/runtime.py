@@ -11,10 +11,14 @@ from typing import Any, Iterator
 
 log = logging.getLogger("cryodask")
 
-__all__ = ["compute", "setup_logging", "stage_timer", "dataset_scope"]
+__all__ = ["compute", "setup_logging", "stage_timer", "dataset_scope", "scope_state", "inherit_scope"]
 
-# per-thread state: a collection runs each dataset's pipeline in a thread of its own
+# per-thread state: a collection runs each dataset's pipeline in a thread of its own, and a
+# pipeline runs independent stages in threads of their own (name: the dataset; owner: the thread
+# whose run log receives the records; priority: the Dask priority of this thread's computes)
 _scope = threading.local()
+_owners: dict[int, int] = {}  # helper thread ident -> the thread ident that owns its log records
+_progress_lock = threading.Lock()  # one progress bar at a time in the terminal
 _FMT = "%(asctime)s %(levelname)s %(cd_prefix)s%(message)s"
 
 
@@ -35,7 +39,7 @@ class _ThreadFilter(logging.Filter):
         self.ident = ident
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return record.thread == self.ident
+        return _owners.get(record.thread, record.thread) == self.ident
 
 
 def _in_scope() -> bool:
@@ -53,6 +57,31 @@ def dataset_scope(name: str) -> Iterator[None]:
     finally:
         _detach_thread_file()
         _scope.name = None
+
+
+def scope_state() -> dict[str, Any]:
+    """This thread's scope (dataset name, log owner, compute priority), to hand to a helper
+    thread through :func:`inherit_scope`."""
+    return {"name": getattr(_scope, "name", None), "priority": getattr(_scope, "priority", 0),
+            "owner": _owners.get(threading.get_ident(), threading.get_ident())}
+
+
+@contextlib.contextmanager
+def inherit_scope(state: dict[str, Any], priority: int | None = None) -> Iterator[None]:
+    """Run a helper thread (e.g. a pipeline stage that overlaps another) as part of the thread
+    that made ``state`` (:func:`scope_state`): its log records carry the same dataset prefix and
+    go to the same run log. ``priority``: Dask priority of this thread's computes (higher runs
+    first when both compete for workers; default that of ``state``)."""
+    me = threading.get_ident()
+    _scope.name = state.get("name")
+    _scope.priority = state.get("priority", 0) if priority is None else priority
+    _owners[me] = state["owner"]
+    try:
+        yield
+    finally:
+        _owners.pop(me, None)
+        _scope.name = None
+        _scope.priority = 0
 
 
 def _detach_thread_file() -> None:
@@ -82,23 +111,29 @@ def compute(*objs: Any, label: str = "", progress: bool | None = None) -> tuple:
     import dask
 
     show = (sys.stderr.isatty() and not _in_scope()) if progress is None else progress
-    if label:
-        log.info("computing: %s", label)
-    client = _active_client()
-    if client is not None:
-        futures = client.compute(list(objs))
-        if show:
-            from distributed import progress as dprogress
+    # computes running at the same time (overlapping stages): only one draws a bar
+    bar = show and _progress_lock.acquire(blocking=False)
+    try:
+        if label:
+            log.info("computing: %s", label)
+        client = _active_client()
+        if client is not None:
+            futures = client.compute(list(objs), priority=getattr(_scope, "priority", 0))
+            if bar:
+                from distributed import progress as dprogress
 
-            dprogress(futures)
-            print(file=sys.stderr)
-        return tuple(client.gather(futures))
-    if show:
-        from dask.diagnostics import ProgressBar
+                dprogress(futures)
+                print(file=sys.stderr)
+            return tuple(client.gather(futures))
+        if bar:
+            from dask.diagnostics import ProgressBar
 
-        with ProgressBar(out=sys.stderr):
-            return dask.compute(*objs)
-    return dask.compute(*objs)
+            with ProgressBar(out=sys.stderr):
+                return dask.compute(*objs)
+        return dask.compute(*objs)
+    finally:
+        if bar:
+            _progress_lock.release()
 
 
 def setup_logging(log_file: str | Path | None = None, debug: bool = False) -> None:
