@@ -56,7 +56,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .model import PARTICLE_CHUNK
 from .select import (FEATURES, REASONS, SelectionThresholds, cluster_masks, features_graph, measure_objects,
                      masks_graph, preprocess_particles, render_masks, select_particles, selection_columns, star_inputs,
                      work_box_for, write_gallery)
@@ -808,7 +807,7 @@ def side_alignment_graph(images: da.Array, features: np.ndarray, selected: np.nd
 
 
 def align2d_star(star_in: str | Path, out_dir: str | Path, *, view: str = "auto", variant: str = DEFAULT_VARIANT,
-                 diameter_A: float | None = None, work_box: int = 64, chunk: int = PARTICLE_CHUNK,
+                 diameter_A: float | None = None, work_box: int = 64, chunk: int | None = None,
                  thresholds: SelectionThresholds | None = None) -> dict:
     """``cryodask align2d``: masks, selection and 2D alignment of a RELION particle STAR.
 
@@ -845,6 +844,12 @@ def align2d_star(star_in: str | Path, out_dir: str | Path, *, view: str = "auto"
     found = feats[:, _F["found"]] > 0
     top = found & (feats[:, _F["is_top"]] > 0)
     t_masks = time.perf_counter() - t0
+    # the gallery needs only the masks and the selection: the driver draws it while the workers
+    # align, instead of leaving them idle at the end
+    from concurrent.futures import ThreadPoolExecutor
+
+    side_pool = ThreadPoolExecutor(1, thread_name_prefix="cryodask-align2d-outputs")
+    gallery = side_pool.submit(write_gallery, out / "align2d_gallery.png", ds, feats, selected, reasons, images=images)
     res, info = side_alignment_graph(images, feats, selected, apix, defocus=defocus, optics=optics, variant=variant,
                                      diameter_A=diameter_A, work_box=work_box)
     m, scale = info["work_box"], info["scale"]
@@ -875,7 +880,7 @@ def align2d_star(star_in: str | Path, out_dir: str | Path, *, view: str = "auto"
     store = xr.Dataset(data, attrs={"pixel_size": apix, "stage": "align2d", "variant": str(variant),
                                     "source": str(star_in), "view": view})
 
-    def tables_and_gallery():
+    def tables():
         rel = relion_parameters(theta, centres, apix)
         drop = [v for v in ("rlnAngleRot", "rlnAngleTilt", "rlnAngleRotPrior", "rlnAngleTiltPrior",
                             "rlnAnglePsiPrior") if v in ds]
@@ -885,16 +890,14 @@ def align2d_star(star_in: str | Path, out_dir: str | Path, *, view: str = "auto"
         for k, val in {**rel, **selection_columns(feats, selected, reasons), "cdAlignScore": score}.items():
             out_ds[k] = ("particle", np.asarray(val))
         write_particles(out / "particles_aligned.star", out_ds)
-        write_gallery(out / "align2d_gallery.png", ds, feats, selected, reasons, images=images)
 
-    # the STAR file and the gallery need only the parameters: the driver writes them while the
-    # workers write the aligned stacks, instead of leaving the workers idle afterwards
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ThreadPoolExecutor(1, thread_name_prefix="cryodask-align2d-tables") as pool:
-        side = pool.submit(tables_and_gallery)
+    # the STAR file needs only the parameters: the driver writes it while the workers write the
+    # aligned stacks
+    with side_pool:
+        table = side_pool.submit(tables)
         write_group(store, out / "particles.zarr", "align2d")
-        side.result()
+        table.result()
+        gallery.result()
     summary = {
         "n_particles": int(n), "n_selected": int(selected.sum()), "n_side": int((found & ~top).sum()),
         "n_top": int(top.sum()), "n_no_mask": int((~found).sum()),

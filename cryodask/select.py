@@ -52,7 +52,7 @@ import torch
 from scipy import ndimage as ndi
 
 from .ctf import frequency_grid_rfft
-from .model import PARTICLE_CHUNK
+from .model import particle_chunk
 
 __all__ = [
     "FEATURES",
@@ -821,9 +821,10 @@ def lazy_particle_images(ds, chunk: int) -> da.Array:
     return da.concatenate(parts, axis=0)
 
 
-def star_inputs(star_in, chunk: int):
+def star_inputs(star_in, chunk: int | None = None):
     """(Dataset, lazy images, pixel size Å, defocus (n, 3) or None, optics dict) of a particle STAR
-    path, or of a particle Dataset from the store (its ``image`` variable is used lazily)."""
+    path, or of a particle Dataset from the store (its ``image`` variable is used lazily), in
+    chunks of ``chunk`` particles (default :func:`cryodask.model.particle_chunk`)."""
     from .errors import InputError
     from .io.star import read_particles
 
@@ -831,7 +832,8 @@ def star_inputs(star_in, chunk: int):
 
     if isinstance(star_in, xr.Dataset):  # a particle Dataset of the store, with lazy 'image'
         ds = star_in.drop_vars([v for v in star_in.data_vars if star_in[v].ndim > 1])
-        images = star_in["image"].data.rechunk((chunk, -1, -1))
+        images = star_in["image"].data
+        images = images.rechunk((chunk or particle_chunk(images.shape[0]), -1, -1))
         star_in = ds.attrs.get("source", "particles")
     else:
         ds = read_particles(star_in)
@@ -842,7 +844,7 @@ def star_inputs(star_in, chunk: int):
     if not apix:
         raise InputError(star_in, "no pixel size (rlnImagePixelSize in the optics table)")
     if images is None:
-        images = lazy_particle_images(ds, chunk)
+        images = lazy_particle_images(ds, chunk or particle_chunk(ds.sizes["particle"]))
     defocus = None
     if all(c in ds for c in ("rlnDefocusU", "rlnDefocusV")):
         ang = ds["rlnDefocusAngle"].values if "rlnDefocusAngle" in ds else np.zeros(ds.sizes["particle"])
@@ -853,7 +855,7 @@ def star_inputs(star_in, chunk: int):
 
 
 def select_star(star_in: str | Path, out_dir: str | Path, *, view: str = "auto", diameter_A: float | None = None,
-                thresholds: SelectionThresholds | None = None, work_box: int = 64, chunk: int = PARTICLE_CHUNK) -> dict:
+                thresholds: SelectionThresholds | None = None, work_box: int = 64, chunk: int | None = None) -> dict:
     """``cryodask select``: perfect masks and good/bad selection for a RELION particle STAR.
 
     Writes into ``out_dir``: ``particles_selected.star`` (every particle, with ``cdSelected``
@@ -918,7 +920,13 @@ def write_gallery(path: str | Path, ds, features: np.ndarray, selected: np.ndarr
     show = np.sort(np.r_[np.flatnonzero(selected)[:n_each], np.flatnonzero(~selected)[:n_each]])
     if not show.size:
         return None
-    imgs = np.asarray(images[show]) if images is not None else read_particle_images(ds, show)
+    # a few particles, read here (Dask's threaded scheduler), not on the cluster: the gallery is
+    # drawn while the cluster computes the alignment from the same stack
+    if images is None:
+        imgs = read_particle_images(ds, show)
+    else:
+        imgs = images[show]
+        imgs = np.asarray(imgs.compute(scheduler="threads") if hasattr(imgs, "compute") else imgs)
     box = imgs.shape[-1]
     masks = render_masks(np.asarray(features)[show], box)
     return gallery_png(path, imgs, masks, selected[show], np.asarray(reasons)[show], n_each=n_each,
