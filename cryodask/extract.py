@@ -4,7 +4,8 @@ preprocessed micrographs, into a chunked particle stack.
 Kernels: :func:`box_size` (from the particle diameter), :func:`extract_boxes` (one micrograph),
 :func:`normalise_boxes` (RELION's convention: background outside a circle has mean 0 and
 standard deviation 1). Graph builder: :func:`extract_graph` — one task per micrograph, then the
-particles are rechunked into blocks of ~2k for the later stages.
+particles are rechunked into equal blocks (:func:`cryodask.model.particle_chunk`) for the
+later stages.
 
 Coordinates follow RELION: ``x`` = column, ``y`` = row, in pixels of the original micrograph;
 a particle's box is centred on the integer pixel nearest the coordinate.
@@ -17,7 +18,7 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from .model import PARTICLE_CHUNK, particle_dataset, provenance
+from .model import particle_chunk, particle_dataset, provenance
 
 __all__ = ["box_size", "edge_mask", "extract_boxes", "normalise_boxes", "resize_boxes", "extract_graph",
            "extract_with_preprocessed"]
@@ -80,7 +81,7 @@ def _extract_block(block: np.ndarray, coords: np.ndarray, box: int, invert: bool
 
 
 def extract_graph(micrographs: xr.Dataset, picks: pd.DataFrame, box: int, *, invert: bool = True,
-                  edge: str = "drop", variables=("image",), names=None, chunk: int = PARTICLE_CHUNK,
+                  edge: str = "drop", variables=("image",), names=None, chunk: int | None = None,
                   ) -> tuple[xr.Dataset, pd.DataFrame]:
     """Lazy particle stack(s) from picks.
 
@@ -94,6 +95,8 @@ def extract_graph(micrographs: xr.Dataset, picks: pd.DataFrame, box: int, *, inv
     edge : 'drop' particles whose box leaves the micrograph, or 'pad' them with the mean.
     variables : which micrograph variables to cut from (e.g. ``("image", "preprocessed")``);
         the output variables are called ``names`` (default: the same names).
+    chunk : particles per chunk of the stack (default :func:`cryodask.model.particle_chunk` of
+        the number kept).
 
     Returns
     -------
@@ -117,6 +120,7 @@ def extract_graph(micrographs: xr.Dataset, picks: pd.DataFrame, box: int, *, inv
     kept = picks[keep].copy()
     kept["_mic"] = key[keep].to_numpy()
     kept = kept.sort_values(["_mic"], kind="stable").reset_index(drop=True)
+    chunk = int(chunk or particle_chunk(len(kept)))
     data = {}
     for var, out_name in zip(variables, names):
         blocks = micrographs[var].data.to_delayed().ravel()
@@ -150,7 +154,7 @@ def resize_boxes(boxes: np.ndarray, box: int) -> np.ndarray:
 
 def extract_with_preprocessed(micrographs: xr.Dataset, preprocessed: da.Array, binning: float, picks: pd.DataFrame,
                               box: int, *, invert: bool = True, edge: str = "drop",
-                              chunk: int = PARTICLE_CHUNK) -> tuple[xr.Dataset, pd.DataFrame]:
+                              chunk: int | None = None) -> tuple[xr.Dataset, pd.DataFrame]:
     """Every particle from the original *and* the preprocessed micrograph (the method keeps both).
 
     ``micrographs``: Dataset with ``image`` ``(micrograph, y, x)``; ``preprocessed``: dask array

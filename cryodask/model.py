@@ -42,12 +42,28 @@ __all__ = [
     "write_group",
     "open_group",
     "PARTICLE_CHUNK",
+    "particle_chunk",
 ]
 
-#: particles per chunk of a particle stack (15 MB of float32 at a 60 px box). Chunks of 2048 left
-#: 7 chunks for 12,500 particles (uneven work for 2 workers) and raised the extraction's steady
-#: memory per worker: benchmarks/bench_memory.py 50 → 500 micrographs 1.30× with 2048, 1.21× with 1024.
+#: most particles per chunk of a particle stack (15 MB of float32 at a 60 px box). Chunks of 2048
+#: left 7 chunks for 12,500 particles (uneven work for 2 workers) and raised the extraction's
+#: steady memory per worker: benchmarks/bench_memory.py 50 → 500 micrographs 1.30× with 2048,
+#: 1.21× with 1024. :func:`particle_chunk` picks the size actually used.
 PARTICLE_CHUNK = 1024
+
+
+def particle_chunk(n: int, max_chunk: int = PARTICLE_CHUNK) -> int:
+    """Particles per chunk for a stack of ``n``: equal chunks of at most ``max_chunk``, as many
+    as the fewest such chunks rounded up to 1, 2, 4, 8 or a multiple of 8.
+
+    Each per-chunk task of the particle stages (masks, alignment rounds, writes) ends at a
+    barrier; with a chunk count that divides evenly over 1, 2, 4 or 8 workers, no worker waits
+    there for another's extra chunk. 12,546 particles: 16 chunks of 785 (not 12 of 1024 and one
+    of 258, on which one of 2 workers worked alone at every barrier)."""
+    n, max_chunk = int(n), max(1, int(max_chunk))
+    k = max(1, -(-n // max_chunk))
+    k = 1 << (k - 1).bit_length() if k <= 8 else 8 * -(-k // 8)
+    return max(1, -(-n // k))
 
 MICROSCOPE_KEYS = ("pixel_size", "voltage", "cs", "amplitude_contrast")
 
@@ -94,7 +110,7 @@ def micrograph_dataset(images: da.Array, names, attrs: dict[str, Any], valid=Non
 
 
 def particle_dataset(images: da.Array | np.ndarray | None, table: pd.DataFrame, attrs: dict[str, Any],
-                     optics: pd.DataFrame | None = None, chunk: int = PARTICLE_CHUNK) -> xr.Dataset:
+                     optics: pd.DataFrame | None = None, chunk: int | None = None) -> xr.Dataset:
     """A particle stack with its per-particle table.
 
     ``images`` (n, N, N) (or None for a table only); ``table`` has one row per particle, columns
@@ -104,6 +120,7 @@ def particle_dataset(images: da.Array | np.ndarray | None, table: pd.DataFrame, 
     from .io.star import tables_to_dataset
 
     n = len(table)
+    chunk = int(chunk or particle_chunk(n))
     table = table.reset_index(drop=True)
     if optics is None and "pixel_size" in attrs:
         optics = pd.DataFrame({

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from cryodask.cli import main
-from cryodask.model import PARTICLE_CHUNK, micrograph_dataset, microscope_attrs, open_group, particle_dataset, provenance, write_group
+from cryodask.model import PARTICLE_CHUNK, micrograph_dataset, particle_chunk, microscope_attrs, open_group, particle_dataset, provenance, write_group
 
 
 def _no_compute(*args, **kwargs):
@@ -37,7 +37,8 @@ def test_store_roundtrip_keeps_attrs_chunks_and_strings(tmp_path):
     ds = particle_dataset(imgs, t, {**microscope_attrs(1.5, 200, 2.0, 0.07), **provenance("test", {"a": 1}, "x.star")})
     write_group(ds, tmp_path / "s.zarr", "particles")
     back = open_group(tmp_path / "s.zarr", "particles")
-    assert back["image"].chunks[0][0] == PARTICLE_CHUNK == 1024  # particles in chunks of 1k (input chunks were 1000)
+    # 5,000 particles: at least 5 chunks of ≤ 1,024, rounded up to 8 equal chunks (input chunks were 1000)
+    assert back["image"].chunks[0] == (625,) * 8 and particle_chunk(5000) == 625
     assert back.attrs["pixel_size"] == 1.5 and back.attrs["voltage"] == 200 and back.attrs["cs"] == 2.0
     assert json.loads(back.attrs["parameters"]) == {"a": 1} and back.attrs["stage"] == "test"
     assert list(back["cdViewClass"].values[:2]) == ["top", "side"]
@@ -110,3 +111,12 @@ def test_cli_help_for_every_subcommand(capsys):
         with pytest.raises(SystemExit) as e:
             main([name, "--help"])
         assert e.value.code == 0
+
+
+def test_particle_chunks_are_equal_and_divide_over_common_worker_counts():
+    assert PARTICLE_CHUNK == 1024
+    for n, k in ((1, 1), (1024, 1), (1025, 2), (3000, 4), (5000, 8), (8192, 8), (8193, 16), (12546, 16),
+                 (100_000, 104)):
+        c = particle_chunk(n)
+        assert c <= PARTICLE_CHUNK and -(-n // c) == k, (n, c)
+        assert n - (k - 1) * c > 0.9 * c or n < 8  # the last chunk is (nearly) as large as the others
