@@ -76,7 +76,7 @@ def _mosaic(srcs, shape, seed):
 def run_one(store: str, n_workers: int, names):
     from distributed import Client
 
-    from cryodask.cluster import ClusterConfig, limit_threads, make_cluster
+    from cryodask.cluster import ClusterConfig, make_cluster, worker_setup
     from cryodask.pick import pick_graph
     from cryodask.runtime import peak_rss_mib
 
@@ -88,7 +88,7 @@ def run_one(store: str, n_workers: int, names):
     with make_cluster(cfg) as cluster, Client(cluster) as client:
         arr = da.from_zarr(store)
         client.run(lambda: __import__("cryodask.pick"))  # import cost outside the timing
-        client.run(limit_threads)  # one OpenCV/torch thread per worker, as `cryodask run` sets
+        client.run(worker_setup)  # one OpenCV/torch thread, malloc settings: as `cryodask run` sets
         t0 = time.perf_counter()
         graph = pick_graph(arr, names, PIXEL, DIAMETER, method="ibc")
         results = dask.compute(graph)[0]
