@@ -201,6 +201,9 @@ def write_group(ds: xr.Dataset, store: str | Path, group: str, *, compute: bool 
 def _write_block(block: np.ndarray, store: str, path: str, start: int, marker: str) -> int:
     import zarr
 
+    from .runtime import release_freed_memory
+
+    release_freed_memory()  # the chunks written before this one are freed: hand their pages back
     arr = zarr.open_array(store=store, path=path, mode="r+")
     arr[start:start + block.shape[0]] = block
     Path(marker).touch()

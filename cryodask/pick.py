@@ -40,7 +40,6 @@ need no per-dataset tuning. Output coordinates are pixels of the *original* micr
 """
 from __future__ import annotations
 
-import functools
 from typing import Mapping, Sequence
 
 import cv2
@@ -51,6 +50,7 @@ from scipy.optimize import linear_sum_assignment
 from scipy.spatial.distance import cdist
 from skimage import measure, morphology, segmentation
 
+from .runtime import release_freed_memory
 from .preprocess import TARGET_DIAMETER_PX, picking_binning
 
 __all__ = [
@@ -1645,33 +1645,8 @@ def _candidates_and_features_block(block, pixel_size, diameter, original_shape, 
         packed = (packed[0], None, packed[2], packed[3])
     out = (_slim_candidates(cands) if slim else cands), packed, info
     del cands
-    _release_freed_memory()
+    release_freed_memory()
     return out
-
-
-def _release_freed_memory() -> None:
-    """Hand the heap memory that this process has freed back to the operating system (glibc's
-    ``malloc_trim``; nothing elsewhere). Picking one micrograph allocates and frees tens of MB
-    of temporaries while the small results of the micrographs before it wait in memory for the
-    dataset-wide steps; glibc keeps the freed pages in between, so without this a worker's
-    resident memory grows with the number of micrographs it has picked."""
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
-
-
-@functools.lru_cache(maxsize=1)
-def _malloc_trim():
-    """glibc's ``malloc_trim`` (ctypes), or None where there is none."""
-    import ctypes
-    import sys
-
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        return ctypes.CDLL("libc.so.6").malloc_trim
-    except (OSError, AttributeError):  # not glibc (e.g. musl)
-        return None
 
 
 #: Candidate-table columns an IBC micrograph keeps until its picks are final (the picks'
@@ -1734,7 +1709,7 @@ def _view_parts(cands, packed, gate, i, block=None, geo=None, quota=None):
 
 def _fit_views_block(parts):
     out = fit_dataset_views([m for m, _ in parts], [sm for _, sm in parts])
-    _release_freed_memory()  # the fit's temporaries (~100 MB at VIEW_FIT_MAX descriptors)
+    release_freed_memory()  # the fit's temporaries (~100 MB at VIEW_FIT_MAX descriptors)
     return out
 
 

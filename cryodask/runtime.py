@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import sys
 import threading
@@ -11,7 +12,8 @@ from typing import Any, Iterator
 
 log = logging.getLogger("cryodask")
 
-__all__ = ["compute", "setup_logging", "stage_timer", "dataset_scope", "scope_state", "inherit_scope"]
+__all__ = ["compute", "setup_logging", "stage_timer", "dataset_scope", "scope_state", "inherit_scope",
+           "release_freed_memory", "peak_rss_mib"]
 
 # per-thread state: a collection runs each dataset's pipeline in a thread of its own, and a
 # pipeline runs independent stages in threads of their own (name: the dataset; owner: the thread
@@ -206,3 +208,30 @@ def peak_rss_mib() -> float:
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / (1024.0 * 1024.0) if sys.platform == "darwin" else peak / 1024.0
+
+
+def release_freed_memory() -> None:
+    """Hand the heap memory that this process has freed back to the operating system (glibc's
+    ``malloc_trim``; nothing elsewhere). Workers keep arrays below 32 MB in the heap
+    (:func:`cryodask.cluster.tune_malloc`), and glibc keeps freed heap pages: picking one
+    micrograph allocates and frees tens of MB of temporaries while the small results of the
+    micrographs before it wait for the dataset-wide steps, and the stores' chunk writes free a
+    chunk at a time. Without this a worker's resident memory grows with the number of
+    micrographs it has processed."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.lru_cache(maxsize=1)
+def _malloc_trim():
+    """glibc's ``malloc_trim`` (ctypes), or None where there is none."""
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc (e.g. musl)
+        return None
