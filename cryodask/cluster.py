@@ -200,20 +200,19 @@ def tune_malloc(threshold: int = MMAP_THRESHOLD_BYTES) -> bool:
     back to the system. Setting that variable also switches off glibc's adaptive mmap threshold:
     every array above 128 kB is then a fresh ``mmap`` and ``munmap``, and each of its pages is
     faulted in and zeroed by the kernel. Measured on a 2-core VM (one process, 8 micrographs of
-    1024² px): CTF estimation took 2.6× as long with it, picking 1.4×, particle features 1.2×. Fixing the mmap threshold at 32 MB (glibc's own adaptive ceiling)
-    restores the speed, and the trim threshold still returns the heap's free top to the system
-    (picking also trims explicitly). Left alone when ``MALLOC_MMAP_THRESHOLD_`` is set in the
-    environment or the C library is not glibc. Returns whether the threshold was set."""
-    if "MALLOC_MMAP_THRESHOLD_" in os.environ:
-        return False
-    try:
-        import ctypes
+    1024² px): CTF estimation took 2.6× as long with it, picking 1.4×, particle features 1.2×.
+    Fixing the mmap threshold at 32 MB (glibc's own adaptive ceiling) restores the speed; the
+    trim threshold still returns the heap's free top to the system, and picking and the store
+    writes trim explicitly (:func:`cryodask.runtime.release_freed_memory`). Left alone when
+    ``MALLOC_MMAP_THRESHOLD_`` is set in the environment or the C library is not glibc. Returns
+    whether the threshold was set."""
+    from .runtime import glibc
 
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to tune
+    libc = glibc()
+    if "MALLOC_MMAP_THRESHOLD_" in os.environ or libc is None:
         return False
     m_mmap_threshold = -3  # <malloc.h>
-    return bool(mallopt(m_mmap_threshold, int(threshold)))
+    return bool(libc.mallopt(m_mmap_threshold, int(threshold)))
 
 
 def worker_setup() -> None:

@@ -13,7 +13,7 @@ from typing import Any, Iterator
 log = logging.getLogger("cryodask")
 
 __all__ = ["compute", "setup_logging", "stage_timer", "dataset_scope", "scope_state", "inherit_scope",
-           "release_freed_memory", "peak_rss_mib"]
+           "release_freed_memory", "glibc", "peak_rss_mib"]
 
 # per-thread state: a collection runs each dataset's pipeline in a thread of its own, and a
 # pipeline runs independent stages in threads of their own (name: the dataset; owner: the thread
@@ -218,20 +218,20 @@ def release_freed_memory() -> None:
     micrographs before it wait for the dataset-wide steps, and the stores' chunk writes free a
     chunk at a time. Without this a worker's resident memory grows with the number of
     micrographs it has processed."""
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
+    libc = glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
 
 
 @functools.lru_cache(maxsize=1)
-def _malloc_trim():
-    """glibc's ``malloc_trim`` (ctypes), or None where there is none."""
+def glibc():
+    """This process's glibc (ctypes), or None where the C library is not glibc (macOS, musl)."""
     import ctypes
-    import sys
 
     if not sys.platform.startswith("linux"):
         return None
     try:
-        return ctypes.CDLL("libc.so.6").malloc_trim
-    except (OSError, AttributeError):  # not glibc (e.g. musl)
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
         return None
+    return libc if hasattr(libc, "malloc_trim") and hasattr(libc, "mallopt") else None
