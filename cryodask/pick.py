@@ -40,6 +40,7 @@ need no per-dataset tuning. Output coordinates are pixels of the *original* micr
 """
 from __future__ import annotations
 
+import functools
 from typing import Mapping, Sequence
 
 import cv2
@@ -50,7 +51,7 @@ from scipy.optimize import linear_sum_assignment
 from scipy.spatial.distance import cdist
 from skimage import measure, morphology, segmentation
 
-from .runtime import release_freed_memory
+from .runtime import release_freed_memory, run_beside
 from .preprocess import TARGET_DIAMETER_PX, picking_binning
 
 __all__ = [
@@ -1074,21 +1075,32 @@ def _split_holds(Z: np.ndarray, y: np.ndarray, n_iter: int) -> bool:
     if len(Z) > VIEW_SPLIT_TEST_MAX:
         sub = np.sort(np.random.default_rng(1).choice(len(Z), VIEW_SPLIT_TEST_MAX, replace=False))
         Z, y = Z[sub], y[sub]
-    Z = np.asarray(Z, np.float64)
     half = np.random.default_rng(0).random(len(Z)) < 0.5
+    if min(int(half.sum()), int((~half).sum())) < 20:
+        return False
+    # the two folds are independent: on a cluster the second runs on another worker meanwhile
+    second = run_beside(_held_out_separation, Z, y, ~half, n_iter)
     ds = []
-    for train in (half, ~half):
-        if train.sum() < 20 or (~train).sum() < 20:
-            return False
-        zt, m, sd = _standardise(Z[train])
-        w, _, _ = _self_trained_discriminant(zt, y[train], n_iter)
-        if w is None:
-            return False
-        d, minor = _ashman_d(((Z[~train] - m) / sd) @ w)
-        if minor < 0.05:
+    for fold in (functools.partial(_held_out_separation, Z, y, half, n_iter), second):
+        d = fold()
+        if d is None:
             return False
         ds.append(d)
     return float(np.mean(ds)) >= VIEW_MIN_SEPARATION
+
+
+def _held_out_separation(Z: np.ndarray, y: np.ndarray, train: np.ndarray, n_iter: int) -> float | None:
+    """One fold of :func:`_split_holds`: Ashman's D of the held-out scores (rows ``~train`` of
+    the (m, F) descriptors ``Z``) under a :func:`_self_trained_discriminant` learnt on the rows
+    ``train`` (standardised on them) from the classes ``y`` (m,); ``None`` when the
+    discriminant never separates or the held-out minor weight is below 5 %."""
+    Z = np.asarray(Z, np.float64)
+    zt, m, sd = _standardise(Z[train])
+    w, _, _ = _self_trained_discriminant(zt, y[train], n_iter)
+    if w is None:
+        return None
+    d, minor = _ashman_d(((Z[~train] - m) / sd) @ w)
+    return None if minor < 0.05 else d
 
 
 def _asymmetry_classes(a: np.ndarray, Z: np.ndarray, pos: np.ndarray, n_iter: int):

@@ -210,6 +210,41 @@ def peak_rss_mib() -> float:
     return peak / (1024.0 * 1024.0) if sys.platform == "darwin" else peak / 1024.0
 
 
+def run_beside(fn, *args, priority: int = 1):
+    """Start ``fn(*args)`` on the Dask cluster when called from inside a task on a distributed
+    worker, so that a free worker runs it while the caller goes on with its own share; returns a
+    function of no arguments that waits for the result. Anywhere else (no worker: the sync or
+    threaded scheduler, a plain call) nothing starts and the returned function runs
+    ``fn(*args)`` when called, so results are the same either way.
+
+    For the independent pieces of a task that holds up the whole cluster, such as a dataset-wide
+    reduction that every micrograph waits for. While it waits, the calling task leaves its
+    worker's thread pool (``distributed.secede``), so a one-worker cluster runs ``fn`` in the
+    slot it frees; it rejoins before returning. The piece runs at Dask priority ``priority``
+    (above the default 0: it is on the critical path). A result never asked for is dropped with
+    the returned function."""
+    try:
+        from distributed import get_client, get_worker
+
+        get_worker()
+    except (ImportError, ValueError):
+        return functools.partial(fn, *args)
+    future = get_client().submit(fn, *args, pure=False, priority=priority)
+
+    def result():
+        if future.done():
+            return future.result()
+        from distributed import rejoin, secede
+
+        secede()
+        try:
+            return future.result()
+        finally:
+            rejoin()
+
+    return result
+
+
 def release_freed_memory() -> None:
     """Hand the heap memory that this process has freed back to the operating system (glibc's
     ``malloc_trim``; nothing elsewhere). Workers keep arrays below 32 MB in the heap

@@ -278,8 +278,9 @@ def test_peak_rss_of_a_spawned_process_is_its_own():
     assert 5 < child < 300
 
 
-def _mapped_blocks_for_4mb_array() -> int:
-    """glibc's count of mmap-ed blocks that one 4 MB array adds while it lives (mallinfo2)."""
+def _heap_use_of_4mb_array() -> tuple[int, int]:
+    """(mmap-ed blocks that one 4 MB array adds while it lives, free bytes glibc keeps at the top
+    of the heap once it is freed): glibc's ``mallinfo2`` ``hblks`` and ``keepcost``."""
     import ctypes
 
     class MallInfo2(ctypes.Structure):
@@ -292,14 +293,15 @@ def _mapped_blocks_for_4mb_array() -> int:
     a = np.ones(1 << 20, np.float32)
     after = f().hblks
     del a
-    return int(after - before)
+    return int(after - before), int(f().keepcost)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc")
 def test_workers_keep_kernel_temporaries_in_the_heap():
     """Dask's nanny sets MALLOC_TRIM_THRESHOLD_, which makes glibc mmap every array > 128 kB (a
     page-faulted, zeroed mapping per temporary); cryodask's worker set-up raises the mmap
-    threshold so a 4 MB temporary comes from the heap."""
+    threshold so a 4 MB temporary comes from the heap, and the trim threshold so its freed pages
+    are kept for the next one rather than handed back and faulted in again."""
     import ctypes
 
     try:
@@ -308,16 +310,62 @@ def test_workers_keep_kernel_temporaries_in_the_heap():
         pytest.skip("no glibc mallinfo2")
     with client_for(ClusterConfig(n_workers=1, dashboard_address=":0"), announce=lambda m: None) as client:
         env = client.run(lambda: __import__("os").environ.get("MALLOC_TRIM_THRESHOLD_"))
-        mapped = client.run(_mapped_blocks_for_4mb_array)
-    assert set(env.values()) == {"65536"}  # Dask's setting is kept: freed memory still goes back
-    assert set(mapped.values()) == {0}
+        use = list(client.run(_heap_use_of_4mb_array).values())
+    assert set(env.values()) == {"65536"}  # Dask's variable is still there
+    assert [m for m, _ in use] == [0]  # the array came from the heap ...
+    assert use[0][1] >= 4 << 20  # ... and its pages stay there for the next temporary
     # the same process without the set-up maps it (what every worker did before)
     import os
     import subprocess
     from pathlib import Path
 
     code = ("import sys; sys.path.insert(0, %r); import tests.test_cluster as t; "
-            "print(t._mapped_blocks_for_4mb_array())") % str(Path(__file__).parents[1])
+            "print(t._heap_use_of_4mb_array()[0])") % str(Path(__file__).parents[1])
     out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "MALLOC_TRIM_THRESHOLD_": "65536"},
                          capture_output=True, text=True, check=True).stdout
     assert int(out.strip()) == 1
+
+
+# --------------------------------------------------------------------------------------------
+def _worker_address():
+    from distributed import get_worker
+
+    return get_worker().address
+
+
+def _caller_and_beside(x):
+    """A task that hands half its work to run_beside: (own result, beside result, own worker,
+    beside worker)."""
+    from cryodask.runtime import run_beside
+
+    other = run_beside(lambda v: (v * 3, _worker_address()), x)
+    mine = (x * 2, _worker_address())
+    theirs = other()
+    return mine[0], theirs[0], mine[1], theirs[1]
+
+
+def test_run_beside_runs_on_a_free_worker_or_in_place():
+    from cryodask.pick import _split_holds
+    from cryodask.runtime import run_beside
+
+    # outside a worker nothing starts until the result is asked for
+    calls = []
+    res = run_beside(lambda v: calls.append(v) or v + 1, 4)
+    assert calls == []
+    assert res() == 5 and calls == [4]
+    # the held-out test of a two-view split, whose second fold runs beside the first
+    rng = np.random.default_rng(3)
+    Z = rng.normal(size=(600, 40)).astype(np.float32)
+    y = rng.random(600) < 0.4
+    Z[y, :5] += 2.5
+    one_view = Z.copy()
+    one_view[:, :5] = rng.normal(size=(600, 5))
+    local = [_split_holds(z, y, 5) for z in (Z, one_view)]
+    assert local == [True, False]
+    for n in (1, 2):  # one worker: the caller frees its slot while it waits (no deadlock)
+        with client_for(ClusterConfig(n_workers=n, dashboard_address=":0"), announce=lambda m: None) as client:
+            mine, theirs, w_mine, w_theirs = client.submit(_caller_and_beside, 7, pure=False).result(timeout=60)
+            on_cluster = [client.submit(_split_holds, z, y, 5, pure=False).result(timeout=60) for z in (Z, one_view)]
+        assert (mine, theirs) == (14, 21)
+        assert (w_mine == w_theirs) == (n == 1)  # with two workers the idle one takes it
+        assert on_cluster == local
