@@ -785,7 +785,8 @@ def gallery_png(path: str | Path, images: np.ndarray, masks: np.ndarray, selecte
             ax.set_title(f"#{num} {label if row == 0 else reason_text(reasons[i])}", fontsize=6)
     if title:
         fig.suptitle(title, fontsize=8)
-    fig.tight_layout()
+    # fixed margins: tight_layout measured every title's extent (a third of the drawing time)
+    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=0.86 if title else 0.93, wspace=0.06, hspace=0.22)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
