@@ -632,6 +632,41 @@ def test_view_split_must_hold_out_of_sample():
 # ---------------------------------------------------------------------------------------------
 
 
+def _gmm_1d_plain(s, n_iter=200):
+    """The textbook EM of a two-component 1-D mixture on an (n, 2) array (the formulation
+    :func:`cryodask.pick._gmm_1d` replaced)."""
+    mu = np.percentile(s, [25, 75]).astype(float)
+    sd = np.full(2, s.std() / 2 + 1e-12)
+    pi = np.array([0.5, 0.5])
+    for _ in range(n_iter):
+        lik = pi / sd * np.exp(-0.5 * ((s[:, None] - mu) / sd) ** 2) + 1e-300
+        r = lik / lik.sum(1, keepdims=True)
+        nk = r.sum(0) + 1e-12
+        old = np.r_[mu, sd, pi]
+        mu = (r * s[:, None]).sum(0) / nk
+        sd = np.maximum(np.sqrt((r * (s[:, None] - mu) ** 2).sum(0) / nk), 1e-6 * (s.std() + 1e-12))
+        pi = nk / nk.sum()
+        if np.abs(np.r_[mu, sd, pi] - old).max() < 1e-7 * (s.std() + 1e-12):
+            break
+    up = int(np.argmax(mu))
+    return r[:, up], mu[[1 - up, up]], sd[[1 - up, up]], pi[[1 - up, up]]
+
+
+def test_gmm_1d_matches_the_plain_em_and_recovers_a_known_mixture():
+    rng = np.random.default_rng(11)
+    for n, frac, mu1, sd1 in ((400, 0.7, 2.5, 0.8), (6000, 0.8, 4.0, 1.5), (3000, 0.5, 0.3, 1.0)):
+        k = int(n * frac)
+        s = rng.permutation(np.r_[rng.normal(0.0, 1.0, k), rng.normal(mu1, sd1, n - k)])
+        got, want = PK._gmm_1d(s), _gmm_1d_plain(s)
+        for g, w in zip(got, want):
+            np.testing.assert_allclose(g, w, rtol=0, atol=1e-10)
+        if mu1 > 2:  # well-separated: the truth comes back
+            r, mu, sd, pi = got
+            np.testing.assert_allclose(mu, [0.0, mu1], atol=0.15)
+            np.testing.assert_allclose(sd, [1.0, sd1], atol=0.15)
+            np.testing.assert_allclose(pi, [frac, 1 - frac], atol=0.05)
+
+
 def _nms_all_pairs(score, min_distance, threshold):
     size = max(3, 2 * int(min_distance / 3) + 1)
     mx = ndi.maximum_filter(score, size=size, mode="nearest")
