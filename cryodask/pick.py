@@ -1612,13 +1612,14 @@ def pick_graph(micrographs, names: Sequence[str], pixel_size: float, diameter: f
     fitted = dask.delayed(_fit_views_block, pure=True, nout=len(names))([p[0] for p in parts],
                                                                          dask_key_name=f"ibc-dataset-views-{tok}")
     after_fit = _blocks_after(pre, fitted, f"after-fit-{tok}") if reread else [None] * n
+    if method == "ibc":  # the views and the accepted picks in one task per micrograph
+        return {name: dask.delayed(_accepted_views_block, pure=True)(fitted[i], parts[i][1], b[0], gate, i, blk, geo,
+                                                                     dask_key_name=f"pick-ibc-{name}-{tok}")
+                for i, (name, b, blk) in enumerate(zip(names, both, after_fit))}
     viewed = [dask.delayed(_apply_views_block, pure=True)(fitted[i], parts[i][1], b[0], gate, i, blk, geo,
                                                           dask_key_name=f"ibc-views-{name}-{tok}")
               for i, (name, b, blk) in enumerate(zip(names, both, after_fit))]
     cands = {name: viewed[i] for i, name in enumerate(names)}
-    if method == "ibc":
-        return {name: dask.delayed(accepted_picks, pure=True)(cands[name], dask_key_name=f"pick-ibc-{name}-{tok}")
-                for name in names}
     from . import pick_deep as pdp
 
     tp = dict(train_params or {})
@@ -1768,6 +1769,11 @@ def _apply_views_block(fitted, features, cands, gate, i, block=None, geo=None):
         v[rows] = mini[col].to_numpy()
         table[col] = v
     return table
+
+
+def _accepted_views_block(*args):
+    """:func:`accepted_picks` of :func:`_apply_views_block` (same arguments)."""
+    return accepted_picks(_apply_views_block(*args))
 
 
 def _patch_block(block, candidates, pixel_size, diameter, original_shape, tp):
