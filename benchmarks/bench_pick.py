@@ -89,14 +89,20 @@ def run_one(store: str, n_workers: int, names):
         arr = da.from_zarr(store)
         client.run(lambda: __import__("cryodask.pick"))  # import cost outside the timing
         client.run(worker_setup)  # one OpenCV/torch thread, malloc settings: as `cryodask run` sets
-        t0 = time.perf_counter()
+        cpu0 = client.run(time.process_time)
+        t0, c0 = time.perf_counter(), time.process_time()
         graph = pick_graph(arr, names, PIXEL, DIAMETER, method="ibc")
         results = dask.compute(graph)[0]
-        wall = time.perf_counter() - t0
+        wall, driver_cpu = time.perf_counter() - t0, time.process_time() - c0
+        cpu1 = client.run(time.process_time)
         rss = client.run(peak_rss_mib)
     n_picks = int(sum(len(v) for v in results.values()))
+    # CPU seconds of the run in each worker process and in this one (the driver and the
+    # scheduler, which share the cores with the workers): the workers' sum grows when the
+    # cores slow each other down, and drifts with the machine's speed
     return {"workers": n_workers, "wall_s": wall, "micrographs_per_s": len(names) / wall,
-            "peak_rss_mb_per_worker": sorted(rss.values()), "picks": n_picks}
+            "peak_rss_mb_per_worker": sorted(rss.values()), "picks": n_picks,
+            "worker_cpu_s": [round(cpu1[w] - cpu0[w], 2) for w in sorted(cpu1)], "driver_cpu_s": round(driver_cpu, 2)}
 
 
 def main():
@@ -133,8 +139,10 @@ def main():
                     report["runs"].append(r)
                     runs[w].append(r)
                     rss = ", ".join(f"{m:.0f}" for m in r["peak_rss_mb_per_worker"])
+                    cpu = ", ".join(f"{c:.1f}" for c in r["worker_cpu_s"])
                     print(f"{label}  workers={w}  run {rep + 1}/{a.repeat}  {r['micrographs_per_s']:.3f} micrographs/s  "
-                          f"(wall {r['wall_s']:.1f} s, {r['picks']} picks)  peak RSS per worker {rss} MB", flush=True)
+                          f"(wall {r['wall_s']:.1f} s, {r['picks']} picks)  peak RSS per worker {rss} MB  "
+                          f"CPU s per worker {cpu}, driver {r['driver_cpu_s']:.1f}", flush=True)
             med = {w: float(np.median([r["micrographs_per_s"] for r in rs])) for w, rs in runs.items()}
             report.setdefault("median_micrographs_per_s", {})[label] = med
             for w in workers:

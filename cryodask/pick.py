@@ -1233,6 +1233,8 @@ def classify_views(features: Sequence[np.ndarray], n_iter: int = 5) -> list[np.n
 VIEW_FIT_MAX = 5000
 #: Fewest picks in a dataset for the dataset-level view classes.
 VIEW_MIN_PICKS = 20
+#: Micrographs per piece of the view fit's output shipped to the workers that apply it.
+VIEW_APPLY_BATCH = 16
 #: Ashman's D below which the asymmetry mixture counts as one mode (one view in the dataset).
 VIEW_MIN_SEPARATION = 2.0
 #: Most picks in the out-of-sample test of a two-view split (:func:`_split_holds`).
@@ -1609,15 +1611,22 @@ def pick_graph(micrographs, names: Sequence[str], pixel_size: float, diameter: f
     parts = [dask.delayed(_view_parts, pure=True, nout=2)(b[0], b[1], gate, i, blk, geo, quota,
                                                           dask_key_name=f"view-features-{name}-{tok}")
              for i, (name, b, blk) in enumerate(zip(names, both, after_gate))]
-    fitted = dask.delayed(_fit_views_block, pure=True, nout=len(names))([p[0] for p in parts],
-                                                                         dask_key_name=f"ibc-dataset-views-{tok}")
+    # the fit's per-micrograph results in batches of VIEW_APPLY_BATCH: a worker fetches a batch
+    # once for the micrographs it applies it to, not one small transfer per micrograph
+    nb = max(1, -(-n // VIEW_APPLY_BATCH))
+    fitted = dask.delayed(_fit_views_block, pure=True, nout=nb)([p[0] for p in parts], VIEW_APPLY_BATCH,
+                                                                dask_key_name=f"ibc-dataset-views-{tok}")
     after_fit = _blocks_after(pre, fitted, f"after-fit-{tok}") if reread else [None] * n
+
+    def fit_of(i):
+        return fitted[i // VIEW_APPLY_BATCH], i % VIEW_APPLY_BATCH
+
     if method == "ibc":  # the views and the accepted picks in one task per micrograph
-        return {name: dask.delayed(_accepted_views_block, pure=True)(fitted[i], parts[i][1], b[0], gate, i, blk, geo,
+        return {name: dask.delayed(_accepted_views_block, pure=True)(*fit_of(i), parts[i][1], b[0], gate, i, blk, geo,
                                                                      dask_key_name=f"pick-ibc-{name}-{tok}")
                 for i, (name, b, blk) in enumerate(zip(names, both, after_fit))}
-    viewed = [dask.delayed(_apply_views_block, pure=True)(fitted[i], parts[i][1], b[0], gate, i, blk, geo,
-                                                          dask_key_name=f"ibc-views-{name}-{tok}")
+    viewed = [dask.delayed(_views_block, pure=True)(*fit_of(i), parts[i][1], b[0], gate, i, blk, geo,
+                                                    dask_key_name=f"ibc-views-{name}-{tok}")
               for i, (name, b, blk) in enumerate(zip(names, both, after_fit))]
     cands = {name: viewed[i] for i, name in enumerate(names)}
     from . import pick_deep as pdp
@@ -1744,10 +1753,12 @@ def _view_parts(cands, packed, gate, i, block=None, geo=None, quota=None):
     return (mini, view_summary(packed, fit_all)), None if recompute else packed[1]
 
 
-def _fit_views_block(parts):
+def _fit_views_block(parts, batch):
+    """:func:`fit_dataset_views` of the micrographs' ``parts``, returned in batches of ``batch``
+    micrographs (a tuple of lists)."""
     out = fit_dataset_views([m for m, _ in parts], [sm for _, sm in parts])
     release_freed_memory()  # the fit's temporaries (~100 MB at VIEW_FIT_MAX descriptors)
-    return out
+    return tuple(out[k:k + batch] for k in range(0, max(1, len(out)), batch))
 
 
 def _apply_views_block(fitted, features, cands, gate, i, block=None, geo=None):
@@ -1771,9 +1782,14 @@ def _apply_views_block(fitted, features, cands, gate, i, block=None, geo=None):
     return table
 
 
-def _accepted_views_block(*args):
-    """:func:`accepted_picks` of :func:`_apply_views_block` (same arguments)."""
-    return accepted_picks(_apply_views_block(*args))
+def _views_block(fitted_batch, j, *args):
+    """:func:`_apply_views_block` with the ``j``-th fitted entry of a batch of the view fit."""
+    return _apply_views_block(fitted_batch[j], *args)
+
+
+def _accepted_views_block(fitted_batch, j, *args):
+    """:func:`accepted_picks` of :func:`_views_block` (same arguments)."""
+    return accepted_picks(_views_block(fitted_batch, j, *args))
 
 
 def _patch_block(block, candidates, pixel_size, diameter, original_shape, tp):
