@@ -40,7 +40,6 @@ need no per-dataset tuning. Output coordinates are pixels of the *original* micr
 """
 from __future__ import annotations
 
-import functools
 from typing import Mapping, Sequence
 
 import cv2
@@ -1104,13 +1103,11 @@ def _split_holds(Z: np.ndarray, y: np.ndarray, n_iter: int) -> bool:
         return False
     # the two folds are independent: on a cluster the second runs on another worker meanwhile
     second = run_beside(_held_out_separation, Z, y, ~half, n_iter)
-    ds = []
-    for fold in (functools.partial(_held_out_separation, Z, y, half, n_iter), second):
-        d = fold()
-        if d is None:
-            return False
-        ds.append(d)
-    return float(np.mean(ds)) >= VIEW_MIN_SEPARATION
+    d1 = _held_out_separation(Z, y, half, n_iter)
+    d2 = None if d1 is None else second()
+    if d2 is None:
+        return False
+    return float(np.mean([d1, d2])) >= VIEW_MIN_SEPARATION
 
 
 def _held_out_separation(Z: np.ndarray, y: np.ndarray, train: np.ndarray, n_iter: int) -> float | None:
