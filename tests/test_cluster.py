@@ -369,3 +369,32 @@ def test_run_beside_runs_on_a_free_worker_or_in_place():
         assert (mine, theirs) == (14, 21)
         assert (w_mine == w_theirs) == (n == 1)  # with two workers the idle one takes it
         assert on_cluster == local
+
+
+def test_housekeeping_rates_reach_workers_and_scheduler_unless_the_user_set_them():
+    import dask
+    from distributed import Client
+
+    def worker_rates(dask_worker):
+        cb = dask_worker.periodic_callbacks
+        return cb["profile"].callback_time, cb["tick"].callback_time
+
+    def scheduler_tick(dask_scheduler):
+        return dask_scheduler.periodic_callbacks["tick"].callback_time
+
+    # Dask's defaults (10 ms profile samples, 20 ms ticks) → cryodask's coarser rates, in the
+    # worker processes (their configuration travels from this process) and the scheduler
+    with make_cluster(ClusterConfig(kind="local", n_workers=1, processes=True, dashboard_address=":0")) as cluster, \
+            Client(cluster) as client:
+        assert list(client.run(worker_rates).values()) == [(100.0, 100.0)]
+        assert client.run_on_scheduler(scheduler_tick) == 100.0
+    assert dask.config.get("distributed.worker.profile.interval") == "10ms"  # not changed for others
+    # a user's own setting wins
+    with dask.config.set({"distributed.worker.profile.interval": "30ms"}):
+        cluster = make_cluster(ClusterConfig(kind="local", n_workers=1, processes=False, dashboard_address=":0"))
+        try:
+            worker = next(iter(cluster.workers.values()))
+            assert worker.periodic_callbacks["profile"].callback_time == 30.0
+            assert worker.periodic_callbacks["tick"].callback_time == 100.0
+        finally:
+            cluster.close()
