@@ -1585,7 +1585,11 @@ def pick_graph(micrographs, names: Sequence[str], pixel_size: float, diameter: f
     # tables and no micrograph stays in memory while they wait for the others
     quota = -(-VIEW_FIT_MAX // max(1, n))  # float32 descriptors each micrograph keeps for the fit
     geo = (pixel_size, diameter, (ny, nx))
-    both = [dask.delayed(_candidates_and_features_block, pure=True, nout=3)(
+    # tasks take a micrograph's tuples whole where they run beside them (the same worker): only
+    # what crosses to a dataset-wide task (reference strengths to the gate, the fit's parts) is
+    # split out, so each micrograph has 2 selection tasks instead of 5 (each costs the scheduler
+    # and the worker's event loop about as much as a 5 ms kernel)
+    both = [dask.delayed(_candidates_and_features_block, pure=True)(
         blk, pixel_size, diameter, (ny, nx), kw, quota, slim=method == "ibc", keep_f16=not reread,
         dask_key_name=f"ibc-candidates-{name}-{tok}")
         for name, blk in zip(names, blocks)]
@@ -1605,8 +1609,8 @@ def pick_graph(micrographs, names: Sequence[str], pixel_size: float, diameter: f
     gate = dask.delayed(_gate_reduce, pure=True)([b[2] for b in both], VIEW_FIT_MAX,
                                                  dask_key_name=f"ibc-dataset-gate-{tok}")
     after_gate = _blocks_after(pre, gate, f"after-gate-{tok}") if reread else [None] * n
-    parts = [dask.delayed(_view_parts, pure=True, nout=2)(b[0], b[1], gate, i, blk, geo, quota,
-                                                          dask_key_name=f"view-features-{name}-{tok}")
+    parts = [dask.delayed(_view_parts_of, pure=True)(b, gate, i, blk, geo, quota,
+                                                     dask_key_name=f"view-features-{name}-{tok}")
              for i, (name, b, blk) in enumerate(zip(names, both, after_gate))]
     # the fit's per-micrograph results in batches of VIEW_APPLY_BATCH: a worker fetches a batch
     # once for the micrographs it applies it to, not one small transfer per micrograph
@@ -1619,10 +1623,10 @@ def pick_graph(micrographs, names: Sequence[str], pixel_size: float, diameter: f
         return fitted[i // VIEW_APPLY_BATCH], i % VIEW_APPLY_BATCH
 
     if method == "ibc":  # the views and the accepted picks in one task per micrograph
-        return {name: dask.delayed(_accepted_views_block, pure=True)(*fit_of(i), parts[i][1], b[0], gate, i, blk, geo,
+        return {name: dask.delayed(_accepted_views_block, pure=True)(*fit_of(i), parts[i], b, gate, i, blk, geo,
                                                                      dask_key_name=f"pick-ibc-{name}-{tok}")
                 for i, (name, b, blk) in enumerate(zip(names, both, after_fit))}
-    viewed = [dask.delayed(_views_block, pure=True)(*fit_of(i), parts[i][1], b[0], gate, i, blk, geo,
+    viewed = [dask.delayed(_views_block, pure=True)(*fit_of(i), parts[i], b, gate, i, blk, geo,
                                                     dask_key_name=f"ibc-views-{name}-{tok}")
               for i, (name, b, blk) in enumerate(zip(names, both, after_fit))]
     cands = {name: viewed[i] for i, name in enumerate(names)}
@@ -1750,6 +1754,11 @@ def _view_parts(cands, packed, gate, i, block=None, geo=None, quota=None):
     return (mini, view_summary(packed, fit_all)), None if recompute else packed[1]
 
 
+def _view_parts_of(both, gate, i, block=None, geo=None, quota=None):
+    """:func:`_view_parts` of micrograph ``i``'s :func:`_candidates_and_features_block` tuple."""
+    return _view_parts(both[0], both[1], gate, i, block, geo, quota)
+
+
 def _fit_views_block(parts, batch):
     """:func:`fit_dataset_views` of the micrographs' ``parts``, returned in batches of ``batch``
     micrographs (a tuple of lists)."""
@@ -1779,9 +1788,11 @@ def _apply_views_block(fitted, features, cands, gate, i, block=None, geo=None):
     return table
 
 
-def _views_block(fitted_batch, j, *args):
-    """:func:`_apply_views_block` with the ``j``-th fitted entry of a batch of the view fit."""
-    return _apply_views_block(fitted_batch[j], *args)
+def _views_block(fitted_batch, j, parts, both, *args):
+    """:func:`_apply_views_block` with the ``j``-th fitted entry of a batch of the view fit, the
+    float16 descriptors of the micrograph's :func:`_view_parts` and the candidate table of its
+    :func:`_candidates_and_features_block` tuple ``both``."""
+    return _apply_views_block(fitted_batch[j], parts[1], both[0], *args)
 
 
 def _accepted_views_block(fitted_batch, j, *args):
