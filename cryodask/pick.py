@@ -1152,7 +1152,8 @@ def _self_trained_discriminant(Z: np.ndarray, y: np.ndarray, n_iter: int):
     """Step 3 of :func:`classify_views` on standardised descriptors ``Z`` (m, F) seeded by the
     boolean classes ``y`` (m,): ridge-regularised Fisher LDA, scores split by a two-component
     mixture, ``n_iter`` times. Returns ``(w, y, gmm)``; ``w`` is None when ``y`` never has
-    both classes."""
+    both classes. A pass that leaves the classes as they were ends the loop: the next would
+    repeat it exactly (the same classes, covariances and scores), so the result is the same."""
     w = g = None
     for _ in range(n_iter):
         if y.all() or not y.any():
@@ -1167,7 +1168,10 @@ def _self_trained_discriminant(Z: np.ndarray, y: np.ndarray, n_iter: int):
         sw = sw + c1 + np.eye(Z.shape[1])
         w = np.linalg.solve(sw, m1 - m0)
         rr, gm, gs, gp = _gmm_1d(Z @ w)
+        same = np.array_equal(rr > 0.5, y)
         y, g = rr > 0.5, (gm, gs, gp)
+        if same:
+            break
     return w, y, g
 
 

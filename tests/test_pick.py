@@ -667,6 +667,40 @@ def test_gmm_1d_matches_the_plain_em_and_recovers_a_known_mixture():
             np.testing.assert_allclose(pi, [frac, 1 - frac], atol=0.05)
 
 
+def _discriminant_all_passes(Z, y, n_iter):
+    """_self_trained_discriminant without its early stop: every one of the n_iter passes."""
+    w = g = None
+    for _ in range(n_iter):
+        if y.all() or not y.any():
+            break
+        z0, z1 = Z[~y], Z[y]
+        sw = np.cov(z0.T) + np.cov(z1.T) + np.eye(Z.shape[1])
+        w = np.linalg.solve(sw, z1.mean(0) - z0.mean(0))
+        rr, gm, gs, gp = PK._gmm_1d(Z @ w)
+        y, g = rr > 0.5, (gm, gs, gp)
+    return w, y, g
+
+
+def test_self_trained_discriminant_stops_when_the_classes_settle_with_the_same_result(monkeypatch):
+    rng = np.random.default_rng(5)
+    m, f = 600, 40
+    truth = rng.random(m) < 0.4
+    X = rng.normal(size=(m, f))
+    X[truth, :6] += 2.0
+    Z, _, _ = PK._standardise(X)
+    seed = truth ^ (rng.random(m) < 0.15)  # a noisy seed, as the asymmetry mixture gives
+    want = _discriminant_all_passes(Z, seed.copy(), 5)
+    passes = []
+    real = PK._gmm_1d
+    monkeypatch.setattr(PK, "_gmm_1d", lambda s, *a: passes.append(1) or real(s, *a))
+    got = PK._self_trained_discriminant(Z, seed.copy(), 5)
+    assert len(passes) == 3  # the third pass changed no class: the last two would repeat it
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-9, atol=1e-12)
+    np.testing.assert_array_equal(got[1], want[1])
+    np.testing.assert_allclose(np.ravel(got[2]), np.ravel(want[2]), rtol=1e-9)
+    assert (got[1] == truth).mean() > 0.95
+
+
 def _nms_all_pairs(score, min_distance, threshold):
     size = max(3, 2 * int(min_distance / 3) + 1)
     mx = ndi.maximum_filter(score, size=size, mode="nearest")
