@@ -1589,9 +1589,9 @@ def pick_graph(micrographs, names: Sequence[str], pixel_size: float, diameter: f
     # tables and no micrograph stays in memory while they wait for the others
     quota = -(-VIEW_FIT_MAX // max(1, n))  # float32 descriptors each micrograph keeps for the fit
     geo = (pixel_size, diameter, (ny, nx))
-    # tasks take a micrograph's tuples whole where they run beside them (the same worker): only
-    # what crosses to a dataset-wide task (reference strengths to the gate, the fit's parts) is
-    # split out, so each micrograph has 2 selection tasks instead of 5 (each costs the scheduler
+    # tasks take a micrograph's tuple whole where they run beside it (the same worker): only the
+    # reference strength the gate reads crosses as a piece of it (its view-features task makes
+    # the fit's part), so a micrograph has one selection task, not five (each costs the scheduler
     # and the worker's event loop about as much as a 5 ms kernel)
     both = [dask.delayed(_candidates_and_features_block, pure=True)(
         blk, pixel_size, diameter, (ny, nx), kw, quota, slim=method == "ibc", keep_f16=not reread,
@@ -1619,7 +1619,7 @@ def pick_graph(micrographs, names: Sequence[str], pixel_size: float, diameter: f
     # the fit's per-micrograph results in batches of VIEW_APPLY_BATCH: a worker fetches a batch
     # once for the micrographs it applies it to, not one small transfer per micrograph
     nb = max(1, -(-n // VIEW_APPLY_BATCH))
-    fitted = dask.delayed(_fit_views_block, pure=True, nout=nb)([p[0] for p in parts], VIEW_APPLY_BATCH,
+    fitted = dask.delayed(_fit_views_block, pure=True, nout=nb)(parts, VIEW_APPLY_BATCH,
                                                                 dask_key_name=f"ibc-dataset-views-{tok}")
     after_fit = _blocks_after(pre, fitted, f"after-fit-{tok}") if reread else [None] * n
 
@@ -1627,10 +1627,10 @@ def pick_graph(micrographs, names: Sequence[str], pixel_size: float, diameter: f
         return fitted[i // VIEW_APPLY_BATCH], i % VIEW_APPLY_BATCH
 
     if method == "ibc":  # the views and the accepted picks in one task per micrograph
-        return {name: dask.delayed(_accepted_views_block, pure=True)(*fit_of(i), parts[i], b, gate, i, blk, geo,
+        return {name: dask.delayed(_accepted_views_block, pure=True)(*fit_of(i), b, gate, i, blk, geo,
                                                                      dask_key_name=f"pick-ibc-{name}-{tok}")
                 for i, (name, b, blk) in enumerate(zip(names, both, after_fit))}
-    viewed = [dask.delayed(_views_block, pure=True)(*fit_of(i), parts[i], b, gate, i, blk, geo,
+    viewed = [dask.delayed(_views_block, pure=True)(*fit_of(i), b, gate, i, blk, geo,
                                                     dask_key_name=f"ibc-views-{name}-{tok}")
               for i, (name, b, blk) in enumerate(zip(names, both, after_fit))]
     cands = {name: viewed[i] for i, name in enumerate(names)}
@@ -1759,8 +1759,18 @@ def _view_parts(cands, packed, gate, i, block=None, geo=None, quota=None):
 
 
 def _view_parts_of(both, gate, i, block=None, geo=None, quota=None):
-    """:func:`_view_parts` of micrograph ``i``'s :func:`_candidates_and_features_block` tuple."""
-    return _view_parts(both[0], both[1], gate, i, block, geo, quota)
+    """What the view fit gets of micrograph ``i`` (the first item of :func:`_view_parts`), from
+    its :func:`_candidates_and_features_block` tuple ``both``."""
+    return _view_parts(both[0], both[1], gate, i, block, geo, quota)[0]
+
+
+def _gated_features(both, gate, i):
+    """The float16 descriptors of micrograph ``i``'s view rows after the gate (the second item of
+    :func:`_view_parts`: ``None`` when its tuple ``both`` holds none, to be recomputed)."""
+    cands, packed = both[0], both[1]
+    if packed[1] is None:
+        return None
+    return _select_view_features(cands, packed, _gated(cands, gate[0][i]))[1]
 
 
 def _fit_views_block(parts, batch):
@@ -1792,11 +1802,11 @@ def _apply_views_block(fitted, features, cands, gate, i, block=None, geo=None):
     return table
 
 
-def _views_block(fitted_batch, j, parts, both, *args):
-    """:func:`_apply_views_block` with the ``j``-th fitted entry of a batch of the view fit, the
-    float16 descriptors of the micrograph's :func:`_view_parts` and the candidate table of its
+def _views_block(fitted_batch, j, both, gate, i, *args):
+    """:func:`_apply_views_block` of micrograph ``i`` with the ``j``-th fitted entry of a batch of
+    the view fit, the candidate table and gated float16 descriptors of its
     :func:`_candidates_and_features_block` tuple ``both``."""
-    return _apply_views_block(fitted_batch[j], parts[1], both[0], *args)
+    return _apply_views_block(fitted_batch[j], _gated_features(both, gate, i), both[0], gate, i, *args)
 
 
 def _accepted_views_block(fitted_batch, j, *args):
