@@ -1578,7 +1578,7 @@ def pick_graph(micrographs, names: Sequence[str], pixel_size: float, diameter: f
         pp.setdefault("binning", picking_binning(pixel_size, diameter,
                                                  pp.get("target_diameter_px", TARGET_DIAMETER_PX)))
         pre = preprocess_graph(micrographs, pixel_size, diameter, steps or DEFAULT_STEPS, **pp)
-    blocks = pre.to_delayed().ravel()
+    blocks = pre.to_delayed().ravel() if method == "deep" else None
     kw = dict(pick_params or {})
     kw.pop("return_candidates", None)
     # task keys carry a token of the inputs: two datasets (or two parameter sets) on one client
@@ -1593,10 +1593,19 @@ def pick_graph(micrographs, names: Sequence[str], pixel_size: float, diameter: f
     # reference strength the gate reads crosses as a piece of it (its view-features task makes
     # the fit's part), so a micrograph has one selection task, not five (each costs the scheduler
     # and the worker's event loop about as much as a 5 ms kernel)
-    both = [dask.delayed(_candidates_and_features_block, pure=True)(
-        blk, pixel_size, diameter, (ny, nx), kw, quota, slim=method == "ibc", keep_f16=not reread,
-        dask_key_name=f"ibc-candidates-{name}-{tok}")
-        for name, blk in zip(names, blocks)]
+    if method == "ibc":
+        # a blockwise step on the preprocessed array: Dask fuses it with the read and the
+        # preprocessing into one task per micrograph (each holds a (1, 1, 1) object array around
+        # the tuple: the same block structure, so the layers fuse without alias tasks; the
+        # binned micrograph is never a result of its own)
+        both = list(pre.map_blocks(_candidates_and_features_chunk, pixel_size, diameter, (ny, nx), kw, quota,
+                                   not reread, dtype=object, chunks=((1,) * n, (1,), (1,)),
+                                   name=f"ibc-candidates-{tok}").to_delayed().ravel())
+    else:  # the deep picker reads the preprocessed blocks again: they are results of their own
+        both = [dask.delayed(_candidates_and_features_block, pure=True)(
+            blk, pixel_size, diameter, (ny, nx), kw, quota, keep_f16=not reread,
+            dask_key_name=f"ibc-candidates-{name}-{tok}")
+            for name, blk in zip(names, blocks)]
     # map → bounded reduce → map. Until the dataset-wide steps have seen every micrograph, each
     # micrograph keeps only what they need of it: (ibc) the rows of its candidate table that can
     # take part in the views (the only ones that can be accepted) with the columns read after the
@@ -1610,7 +1619,9 @@ def pick_graph(micrographs, names: Sequence[str], pixel_size: float, diameter: f
     # are recomputed (identically) from a re-read of the block, after the gate (all of them go
     # to the fit) or after the fit (the model is applied): those reads are bound to run after
     # the dataset-wide step, so they do not pile up while it waits.
-    gate = dask.delayed(_gate_reduce, pure=True)([b[2] for b in both], VIEW_FIT_MAX,
+    infos = [dask.delayed(_info_of, pure=True)(b, dask_key_name=f"ibc-strength-{name}-{tok}")
+             for name, b in zip(names, both)]
+    gate = dask.delayed(_gate_reduce, pure=True)(infos, VIEW_FIT_MAX,
                                                  dask_key_name=f"ibc-dataset-gate-{tok}")
     after_gate = _blocks_after(pre, gate, f"after-gate-{tok}") if reread else [None] * n
     parts = [dask.delayed(_view_parts_of, pure=True)(b, gate, i, blk, geo, quota,
@@ -1758,16 +1769,37 @@ def _view_parts(cands, packed, gate, i, block=None, geo=None, quota=None):
     return (mini, view_summary(packed, fit_all)), None if recompute else packed[1]
 
 
+def _candidates_and_features_chunk(block, pixel_size, diameter, original_shape, kw, quota, keep_f16):
+    """:func:`_candidates_and_features_block` (``slim``) of a (1, ny', nx') block as a (1, 1, 1)
+    object array (a ``map_blocks`` step)."""
+    out = np.empty((1, 1, 1), object)
+    out[0, 0, 0] = _candidates_and_features_block(block, pixel_size, diameter, original_shape, kw, quota, slim=True,
+                                            keep_f16=keep_f16)
+    return out
+
+
+def _unwrap(both):
+    """A micrograph's :func:`_candidates_and_features_block` tuple, also from the (1, 1, 1) object
+    array of :func:`_candidates_and_features_chunk`."""
+    return both.flat[0] if isinstance(both, np.ndarray) else both
+
+
+def _info_of(both):
+    """(reference strength, number of view rows) of a micrograph, for the dataset gate."""
+    return _unwrap(both)[2]
+
+
 def _view_parts_of(both, gate, i, block=None, geo=None, quota=None):
     """What the view fit gets of micrograph ``i`` (the first item of :func:`_view_parts`), from
     its :func:`_candidates_and_features_block` tuple ``both``."""
+    both = _unwrap(both)
     return _view_parts(both[0], both[1], gate, i, block, geo, quota)[0]
 
 
 def _gated_features(both, gate, i):
     """The float16 descriptors of micrograph ``i``'s view rows after the gate (the second item of
     :func:`_view_parts`: ``None`` when its tuple ``both`` holds none, to be recomputed)."""
-    cands, packed = both[0], both[1]
+    cands, packed = _unwrap(both)[:2]
     if packed[1] is None:
         return None
     return _select_view_features(cands, packed, _gated(cands, gate[0][i]))[1]
@@ -1806,7 +1838,7 @@ def _views_block(fitted_batch, j, both, gate, i, *args):
     """:func:`_apply_views_block` of micrograph ``i`` with the ``j``-th fitted entry of a batch of
     the view fit, the candidate table and gated float16 descriptors of its
     :func:`_candidates_and_features_block` tuple ``both``."""
-    return _apply_views_block(fitted_batch[j], _gated_features(both, gate, i), both[0], gate, i, *args)
+    return _apply_views_block(fitted_batch[j], _gated_features(both, gate, i), _unwrap(both)[0], gate, i, *args)
 
 
 def _accepted_views_block(fitted_batch, j, *args):
