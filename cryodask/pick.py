@@ -1599,7 +1599,8 @@ def pick_graph(micrographs, names: Sequence[str], pixel_size: float, diameter: f
         # the tuple: the same block structure, so the layers fuse without alias tasks; the
         # binned micrograph is never a result of its own)
         both = list(pre.map_blocks(_candidates_and_features_chunk, pixel_size, diameter, (ny, nx), kw, quota,
-                                   not reread, dtype=object, chunks=((1,) * n, (1,), (1,)),
+                                   not reread, dtype=object, meta=np.empty((0, 0, 0), object),
+                                   chunks=((1,) * n, (1,), (1,)),
                                    name=f"ibc-candidates-{tok}").to_delayed().ravel())
     else:  # the deep picker reads the preprocessed blocks again: they are results of their own
         both = [dask.delayed(_candidates_and_features_block, pure=True)(

@@ -300,10 +300,17 @@ def _stack(n=2, size=512, truth=False):
 
 
 @pytest.mark.parametrize("method", ["ibc", "deep"])
-def test_pick_graph_builds_without_computing(method):
+def test_pick_graph_builds_without_computing(method, monkeypatch):
     stack = da.from_array(_stack(), chunks=(1, 512, 512))
+    from cryodask import preprocess as PP
+
+    kernel_calls = []
+    for mod, name in ((PK, "_candidates_and_features_block"), (PP, "preprocess_micrograph")):
+        real = getattr(mod, name)
+        monkeypatch.setattr(mod, name, lambda *a, _real=real, **k: kernel_calls.append(1) or _real(*a, **k))
     with dask.config.set(scheduler=_raise_on_compute):
         g = PK.pick_graph(stack, ["m0", "m1"], 2.0, 240.0, method=method)
+        assert kernel_calls == []  # not even on empty arrays (Dask's meta inference)
         assert {"m0", "m1"} <= set(g)
         assert all(isinstance(v, Delayed) for v in g.values())
         with pytest.raises(RuntimeError, match="computed"):
