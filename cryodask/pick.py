@@ -1603,8 +1603,8 @@ def pick_graph(micrographs, names: Sequence[str], pixel_size: float, diameter: f
                                    chunks=((1,) * n, (1,), (1,)),
                                    name=f"ibc-candidates-{tok}").to_delayed().ravel())
     else:  # the deep picker reads the preprocessed blocks again: they are results of their own
-        both = [dask.delayed(_candidates_and_features_block, pure=True)(
-            blk, pixel_size, diameter, (ny, nx), kw, quota, keep_f16=not reread,
+        both = [dask.delayed(_candidates_and_features_chunk, pure=True)(
+            blk, pixel_size, diameter, (ny, nx), kw, quota, not reread, slim=False,
             dask_key_name=f"ibc-candidates-{name}-{tok}")
             for name, blk in zip(names, blocks)]
     # map → bounded reduce → map. Until the dataset-wide steps have seen every micrograph, each
@@ -1625,7 +1625,7 @@ def pick_graph(micrographs, names: Sequence[str], pixel_size: float, diameter: f
     gate = dask.delayed(_gate_reduce, pure=True)(infos, VIEW_FIT_MAX,
                                                  dask_key_name=f"ibc-dataset-gate-{tok}")
     after_gate = _blocks_after(pre, gate, f"after-gate-{tok}") if reread else [None] * n
-    parts = [dask.delayed(_view_parts_of, pure=True)(b, gate, i, blk, geo, quota,
+    parts = [dask.delayed(_view_parts, pure=True)(b, gate, i, blk, geo, quota,
                                                      dask_key_name=f"view-features-{name}-{tok}")
              for i, (name, b, blk) in enumerate(zip(names, both, after_gate))]
     # the fit's per-micrograph results in batches of VIEW_APPLY_BATCH: a worker fetches a batch
@@ -1753,36 +1753,37 @@ def _gate_reduce(infos, max_rows):
     return flags, sum(k for (_, k), f in zip(infos, flags) if not f) <= max_rows
 
 
-def _view_parts(cands, packed, gate, i, block=None, geo=None, quota=None):
-    """((view rows of the gated table with :data:`_VIEW_COLUMNS`, :func:`view_summary`),
-    float16 descriptors or ``None``) of micrograph ``i``: all the dataset-level view step needs
-    of it. When ``packed`` has no float16 descriptors and every descriptor goes to the fit, they
-    are recomputed from ``block`` (the micrograph's preprocessed block; ``geo`` = (pixel size Å,
-    diameter Å, original shape), ``quota`` as for :func:`pack_view_features`): the same values."""
+def _view_parts(both, gate, i, block=None, geo=None, quota=None):
+    """(view rows of the gated table with :data:`_VIEW_COLUMNS`, :func:`view_summary`) of
+    micrograph ``i``, from its :func:`_candidates_and_features_chunk` ``both``: all the view fit
+    needs of it. When ``both`` holds no float16 descriptors and every descriptor goes to the fit,
+    they are recomputed from ``block`` (the micrograph's preprocessed block; ``geo`` = (pixel
+    size Å, diameter Å, original shape), ``quota`` as for :func:`pack_view_features`): the same
+    values. (The micrograph's own gated float16 descriptors: :func:`_gated_features`.)"""
+    cands, packed = _unwrap(both)[:2]
     flags, fit_all = gate
     gated = _gated(cands, flags[i])
-    recompute = packed[1] is None
-    if recompute and fit_all:
+    if packed[1] is None and fit_all:
         packed = pack_view_features(_view_features_block(block, cands, *geo), quota)
     packed = _select_view_features(cands, packed, gated)
     mini = gated.loc[_view_rows(gated), [c for c in _VIEW_COLUMNS if c in gated]].reset_index(drop=True) \
         if len(gated) else gated
-    return (mini, view_summary(packed, fit_all)), None if recompute else packed[1]
+    return mini, view_summary(packed, fit_all)
 
 
-def _candidates_and_features_chunk(block, pixel_size, diameter, original_shape, kw, quota, keep_f16):
-    """:func:`_candidates_and_features_block` (``slim``) of a (1, ny', nx') block as a (1, 1, 1)
-    object array (a ``map_blocks`` step)."""
+def _candidates_and_features_chunk(block, pixel_size, diameter, original_shape, kw, quota, keep_f16, slim=True):
+    """:func:`_candidates_and_features_block` of a (1, ny', nx') block as a (1, 1, 1) object
+    array (a ``map_blocks`` step)."""
     out = np.empty((1, 1, 1), object)
-    out[0, 0, 0] = _candidates_and_features_block(block, pixel_size, diameter, original_shape, kw, quota, slim=True,
-                                            keep_f16=keep_f16)
+    out[0, 0, 0] = _candidates_and_features_block(block, pixel_size, diameter, original_shape, kw, quota, slim=slim,
+                                                  keep_f16=keep_f16)
     return out
 
 
 def _unwrap(both):
-    """A micrograph's :func:`_candidates_and_features_block` tuple, also from the (1, 1, 1) object
-    array of :func:`_candidates_and_features_chunk`."""
-    return both.flat[0] if isinstance(both, np.ndarray) else both
+    """A micrograph's :func:`_candidates_and_features_block` tuple from the (1, 1, 1) object array
+    of :func:`_candidates_and_features_chunk`."""
+    return both.flat[0]
 
 
 def _info_of(both):
@@ -1790,16 +1791,9 @@ def _info_of(both):
     return _unwrap(both)[2]
 
 
-def _view_parts_of(both, gate, i, block=None, geo=None, quota=None):
-    """What the view fit gets of micrograph ``i`` (the first item of :func:`_view_parts`), from
-    its :func:`_candidates_and_features_block` tuple ``both``."""
-    both = _unwrap(both)
-    return _view_parts(both[0], both[1], gate, i, block, geo, quota)[0]
-
-
 def _gated_features(both, gate, i):
-    """The float16 descriptors of micrograph ``i``'s view rows after the gate (the second item of
-    :func:`_view_parts`: ``None`` when its tuple ``both`` holds none, to be recomputed)."""
+    """The float16 descriptors of micrograph ``i``'s view rows after the gate (``None`` when its
+    :func:`_candidates_and_features_chunk` ``both`` holds none: they are recomputed)."""
     cands, packed = _unwrap(both)[:2]
     if packed[1] is None:
         return None
@@ -1838,7 +1832,7 @@ def _apply_views_block(fitted, features, cands, gate, i, block=None, geo=None):
 def _views_block(fitted_batch, j, both, gate, i, *args):
     """:func:`_apply_views_block` of micrograph ``i`` with the ``j``-th fitted entry of a batch of
     the view fit, the candidate table and gated float16 descriptors of its
-    :func:`_candidates_and_features_block` tuple ``both``."""
+    :func:`_candidates_and_features_chunk` ``both``."""
     return _apply_views_block(fitted_batch[j], _gated_features(both, gate, i), _unwrap(both)[0], gate, i, *args)
 
 
